@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a machine with nothing installed:
+#   make demo   — create .venv, install, run the guided demo on built-in data
+#   make test   — same set-up, run the whole test suite
+# GPU users: make demo TORCH_SPEC='torch==2.13.0' (or any CUDA build's spec).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Torch first and pinned: a loose spec would pull gigabytes of CUDA wheels on a CPU machine.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/saddlescope demo --out demo_output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,30 @@
+"""saddlescope: why has training stalled — minimum, saddle, plateau? Proved from the Hessian.
+
+    import saddlescope as ss
+    obj = ss.Objective.from_model(model, loss_fn, data)
+    cp = ss.analyze(obj)          # -> ss.CriticalPoint
+    step = ss.escape(obj, cp)     # negative-curvature step with a line search
+"""
+
+from saddlescope import errors, problems
+from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
+from saddlescope.curvature import Spectrum, exact_spectrum
+from saddlescope.escape import EscapeStep, escape
+from saddlescope.objective import GradientGraph, Objective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CriticalPoint",
+    "EscapeStep",
+    "GradientGraph",
+    "Objective",
+    "ProbeResult",
+    "Spectrum",
+    "Tolerances",
+    "analyze",
+    "errors",
+    "escape",
+    "exact_spectrum",
+    "problems",
+]

@@ -1,0 +1,111 @@
+"""The ``saddlescope`` command line.
+
+Errors from :mod:`saddlescope.errors` become one readable line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+
+from saddlescope.errors import InvalidInputError, SaddlescopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Why has training stalled? Minimum, saddle or plateau, proved from the Hessian.",
+)
+
+
+def _problems() -> dict[str, tuple[str, Callable[..., Any]]]:
+    from saddlescope import problems
+
+    return {
+        "seed-toy": ("(1 - w1 w2)^2; saddle at 0, valley of minima w1 w2 = 1", problems.seed_toy),
+        "saddle-quadratic": ("5x^2 - y^2; saddle at 0", problems.saddle_quadratic),
+        "monkey-saddle": ("x^3 - 3xy^2; degenerate saddle at 0", problems.monkey_saddle),
+        "rosenbrock": ("(1 - x)^2 + 100 (y - x^2)^2; minimum at (1, 1)", problems.rosenbrock),
+        "peano": ("(y - x^2)(y - 2x^2); degenerate saddle at 0", problems.peano_surface),
+    }
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_output"), help="Folder for the PNGs and the JSON report."),
+    seed: int = typer.Option(0, help="Seed for every random choice (recorded in the report)."),
+    quick: bool = typer.Option(False, help="Shorter training comparison."),
+) -> None:
+    """The seed toy and a stalled digits MLP: verdicts, escape steps, a surface plot, a JSON report."""
+    from saddlescope.demo import run_demo
+
+    try:
+        run_demo(out, Console(), seed=seed, quick=quick)
+    except SaddlescopeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def analyze(
+    problem: str = typer.Option(..., help="A built-in problem (see `saddlescope problems`)."),
+    theta: str = typer.Option(None, help="Comma-separated point, e.g. '0,0' (default: the problem's start)."),
+    grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default by dtype)."),
+    rtol: float = typer.Option(None, help="Eigenvalue is zero when |lambda| <= rtol*max|lambda| + atol."),
+    atol: float = typer.Option(None, help="See rtol."),
+    json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+) -> None:
+    """Classify a point of a built-in problem."""
+    import json
+
+    from saddlescope.critical import analyze as analyze_point
+    from saddlescope.report import to_jsonable
+
+    try:
+        table = _problems()
+        if problem not in table:
+            raise InvalidInputError(f"unknown problem {problem!r}; choose one of {', '.join(table)}")
+        obj = table[problem][1]()
+        point = None
+        if theta is not None:
+            try:
+                values = [float(v) for v in theta.split(",")]
+            except ValueError:
+                raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
+            point = torch.tensor(values, dtype=obj.dtype)
+        cp = analyze_point(obj, point, grad_tol=grad_tol, rtol=rtol, atol=atol)
+    except SaddlescopeError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(to_jsonable(cp.to_dict()), indent=2))
+    else:
+        typer.echo(cp.summary())
+
+
+@app.command()
+def problems() -> None:
+    """List the built-in problems."""
+    for name, (text, _) in _problems().items():
+        typer.echo(f"{name:18s} {text}")
+
+
+def main() -> None:  # console-script entry point
+    try:
+        app()
+    except SaddlescopeError as exc:  # anything that escaped a command's own handler
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

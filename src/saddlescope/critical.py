@@ -1,0 +1,536 @@
+r"""The verdict: what kind of point is :math:`\theta`?
+
+Second-order Taylor expansion at :math:`\theta'`:
+
+.. math::
+
+    L(\theta) \approx L(\theta') + (\theta-\theta')^\top g + \tfrac12 (\theta-\theta')^\top H (\theta-\theta').
+
+1. Gradient test: :math:`\|g\| \le` ``grad_tol`` makes :math:`\theta'` a critical point; otherwise
+   the kind is ``"not_critical"`` (the spectrum is still computed and reported).
+2. Eigenvalue test: an eigenvalue counts as zero when :math:`|\lambda| \le` ``rtol``
+   :math:`\cdot\max|\lambda| +` ``atol``. All positive: ``"minimum"``; all negative: ``"maximum"``;
+   both signs: ``"saddle"``; zeros and at most one sign: ``"degenerate"`` (inconclusive).
+3. Degenerate points are probed along the null space :math:`N` (both signs, several radii). A
+   straight line is not enough (Peano's surface :math:`y^2 - 3x^2y + 2x^4` rises along every line
+   through 0 yet is a saddle), so at each probe point :math:`\theta' + t d` the loss is first
+   minimised over the curved subspace :math:`P` (Newton steps with :math:`H`'s eigenpairs there):
+   the probe follows the *reduced* function on the null directions. Its change beyond first order
+   (the term :math:`t\,g^\top d` of a small but non-zero gradient is taken out) that exceeds rounding
+   noise proves "not a minimum" (or "not a maximum"); the smallest radius where a change is
+   significant decides the sign along that direction. No curvature allowance is granted: an
+   eigenvalue counted as zero that is really negative shows up as a decrease, so a saddle is never
+   called "minimum" because of the zero threshold.
+
+Tolerance defaults depend on the dtype (see :data:`DEFAULT_TOLERANCES`) and are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saddlescope.curvature.exact import Spectrum, exact_spectrum
+from saddlescope.errors import InvalidInputError
+from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+
+KINDS = ("minimum", "maximum", "saddle", "degenerate", "not_critical")
+
+# (grad_tol, rtol, atol) by dtype. rtol sits orders of magnitude above the rounding error of an
+# autodiff Hessian and its eigendecomposition (about n * eps * max|lambda|), so a "negative"
+# eigenvalue is never rounding noise; atol = 0 keeps the test invariant to the loss's scale.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float, float]] = {
+    torch.float64: (1e-6, 1e-9, 0.0),
+    torch.float32: (1e-4, 1e-4, 0.0),
+    torch.float16: (1e-2, 1e-2, 0.0),
+    torch.bfloat16: (1e-2, 1e-2, 0.0),
+}
+DEFAULT_PROBE_RADII = (1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """The thresholds a verdict used.
+
+    Attributes:
+        grad_tol: a point is critical when ``grad_norm <= grad_tol``.
+        rtol, atol: an eigenvalue is zero when ``|lambda| <= rtol * max|lambda| + atol``.
+        zero_threshold: that bound evaluated on this spectrum.
+        probe_radii: distances probed along null directions of a degenerate point.
+    """
+
+    grad_tol: float
+    rtol: float
+    atol: float
+    zero_threshold: float
+    probe_radii: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grad_tol": self.grad_tol,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "zero_threshold": self.zero_threshold,
+            "probe_radii": list(self.probe_radii),
+        }
+
+
+@dataclass
+class ProbeResult:
+    """What probing the null space of a degenerate point found.
+
+    Attributes:
+        null_dim: number of eigenvalues counted as zero.
+        directions: directions probed (each in both signs).
+        complete: every null eigenvector was probed (besides random combinations), so a
+            "minimum"/"maximum" from the probe covers the whole null space.
+        found_decrease, found_increase: a significant change of that sign was seen.
+        largest_decrease, largest_increase: the biggest significant changes of the loss.
+        flat: no probe changed the loss significantly (e.g. a valley of minima).
+        evaluations: loss/gradient evaluations spent.
+        direction: unit displacement of the largest decrease (an escape direction), or None.
+    """
+
+    null_dim: int
+    directions: int
+    complete: bool
+    found_decrease: bool
+    found_increase: bool
+    largest_decrease: float
+    largest_increase: float
+    flat: bool
+    evaluations: int
+    direction: Tensor | None = None
+
+    def to_dict(self, vectors: bool = True) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in (
+            "null_dim", "directions", "complete", "found_decrease", "found_increase",
+            "largest_decrease", "largest_increase", "flat", "evaluations")}
+        if vectors:
+            out["direction"] = None if self.direction is None else self.direction.tolist()
+        return out
+
+
+@dataclass
+class CriticalPoint:
+    """The verdict at one point, with everything it was based on.
+
+    Attributes:
+        kind: ``"minimum"``, ``"maximum"``, ``"saddle"``, ``"degenerate"`` or ``"not_critical"``.
+        curvature_kind: what the eigenvalue test alone says (before probing; also set when
+            the point is not critical: ``"saddle"`` there means negative curvature is present).
+        resolved_by: ``"gradient"`` (not critical), ``"eigenvalues"``, ``"probe"``, or
+            ``"unresolved"`` (degenerate and probing could not decide).
+        reason: one sentence saying why.
+        loss, grad_norm: at ``theta``.
+        eigenvalues: ascending.
+        n_negative, n_zero, n_positive: counts under the zero threshold.
+        min_ratio: ``n_positive / n``; index: ``n_negative / n``.
+        escape_direction: unit vector of strictly negative curvature (the most negative eigenvector,
+            signed to descend), or the probe's decreasing direction; None when there is none.
+        escape_curvature: the Rayleigh quotient ``u^T H u`` of ``escape_direction`` (None for a probe
+            direction, whose decrease is of higher order).
+        top_direction: unit eigenvector of the largest eigenvalue.
+    """
+
+    kind: str
+    curvature_kind: str
+    resolved_by: str
+    reason: str
+    loss: float
+    grad_norm: float
+    eigenvalues: Tensor
+    n_params: int
+    n_negative: int
+    n_zero: int
+    n_positive: int
+    min_ratio: float
+    index: float
+    escape_direction: Tensor | None
+    escape_curvature: float | None
+    top_direction: Tensor | None
+    theta: Tensor
+    tolerances: Tolerances
+    probe: ProbeResult | None = None
+    method: str = "exact"
+    mode: str = "function"
+    dtype: str = "torch.float64"
+    seed: int = 0
+    hvp_count: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lambda_min(self) -> float:
+        return float(self.eigenvalues[0])
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[-1])
+
+    def to_dict(self, vectors: bool | None = None) -> dict[str, Any]:
+        """Every number of the verdict as JSON-ready Python values.
+
+        Args:
+            vectors: include ``theta``, ``escape_direction`` and ``top_direction``; default when
+                there are at most 10,000 parameters.
+        """
+        if vectors is None:
+            vectors = self.n_params <= 10_000
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "curvature_kind": self.curvature_kind,
+            "resolved_by": self.resolved_by,
+            "reason": self.reason,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "n_params": self.n_params,
+            "lambda_min": self.lambda_min,
+            "lambda_max": self.lambda_max,
+            "n_negative": self.n_negative,
+            "n_zero": self.n_zero,
+            "n_positive": self.n_positive,
+            "min_ratio": self.min_ratio,
+            "index": self.index,
+            "escape_curvature": self.escape_curvature,
+            "has_escape_direction": self.escape_direction is not None,
+            "tolerances": self.tolerances.to_dict(),
+            "probe": None if self.probe is None else self.probe.to_dict(vectors),
+            "method": self.method,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "hvp_count": self.hvp_count,
+            "seconds": dict(self.seconds),
+            "eigenvalues": self.eigenvalues.tolist(),
+        }
+        if vectors:
+            out["theta"] = self.theta.tolist()
+            out["escape_direction"] = (
+                None if self.escape_direction is None else self.escape_direction.tolist()
+            )
+            out["top_direction"] = None if self.top_direction is None else self.top_direction.tolist()
+        return out
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"verdict: {self.kind} ({self.reason})",
+            f"loss {self.loss:.6g}   |grad| {self.grad_norm:.3g}   n = {self.n_params}",
+            f"eigenvalues: min {self.lambda_min:.4g}, max {self.lambda_max:.4g}; "
+            f"{self.n_negative} negative, {self.n_zero} zero, {self.n_positive} positive "
+            f"(zero means |lambda| <= {self.tolerances.zero_threshold:.3g})",
+            f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}",
+        ]
+        return "\n".join(lines)
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(grad_tol, rtol, atol)`` used when the caller gives none."""
+    return DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+
+
+def classify_spectrum(eigenvalues: Tensor, zero_threshold: float) -> tuple[str, int, int, int]:
+    """Second-order test: ``(kind, n_negative, n_zero, n_positive)`` under the threshold."""
+    n_neg = int((eigenvalues < -zero_threshold).sum())
+    n_pos = int((eigenvalues > zero_threshold).sum())
+    n_zero = eigenvalues.numel() - n_neg - n_pos
+    if n_neg and n_pos:
+        kind = "saddle"
+    elif n_zero:
+        kind = "degenerate"
+    elif n_pos:
+        kind = "minimum"
+    else:
+        kind = "maximum"
+    return kind, n_neg, n_zero, n_pos
+
+
+def analyze(
+    objective: Objective,
+    theta: Tensor | None = None,
+    *,
+    grad_tol: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    probe: bool = True,
+    probe_radii: tuple[float, ...] = DEFAULT_PROBE_RADII,
+    n_random_probes: int = 16,
+    max_probe_directions: int = 64,
+    seed: int = 0,
+    max_bytes: int = DEFAULT_EXACT_BUDGET_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> CriticalPoint:
+    """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
+
+    Args:
+        grad_tol, rtol, atol: tolerances; ``None`` takes the dtype's default
+            (:data:`DEFAULT_TOLERANCES`).
+        probe: resolve degenerate points by probing the null space.
+        probe_radii: distances probed along each null direction (ascending).
+        n_random_probes: random unit combinations of null directions probed besides the eigenvectors.
+        max_probe_directions: probe at most this many null eigenvectors; with a larger null space
+            only random combinations are probed and a "minimum" is never claimed from them.
+        seed: for the random probe directions.
+        max_bytes: memory budget for the exact Hessian.
+        progress: ``progress(done, total)`` while the Hessian is built.
+
+    Returns:
+        A :class:`CriticalPoint`.
+    """
+    theta = objective.theta0 if theta is None else objective.check_theta(theta)
+    d_grad, d_rtol, d_atol = default_tolerances(objective.dtype)
+    grad_tol = d_grad if grad_tol is None else float(grad_tol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    atol = d_atol if atol is None else float(atol)
+    for name, value in (("grad_tol", grad_tol), ("rtol", rtol), ("atol", atol)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise InvalidInputError(f"{name} must be a finite number >= 0, got {value}")
+    radii = tuple(sorted(float(r) for r in probe_radii))
+    if not radii or radii[0] <= 0:
+        raise InvalidInputError(f"probe_radii must be positive, got {probe_radii}")
+
+    start = time.perf_counter()
+    loss, grad = objective.loss_and_grad(theta)
+    grad_norm = float(grad.norm())
+    spectrum = exact_spectrum(objective, theta, max_bytes=max_bytes, progress=progress)
+    vals, vecs = spectrum.eigenvalues, spectrum.eigenvectors
+    assert vecs is not None
+    scale = float(vals.abs().max())
+    threshold = rtol * scale + atol
+    curvature_kind, n_neg, n_zero, n_pos = classify_spectrum(vals, threshold)
+    tolerances = Tolerances(grad_tol, rtol, atol, threshold, radii)
+    n = vals.numel()
+
+    probe_result = None
+    escape_dir, escape_curv = None, None
+    if n_neg:
+        escape_dir = _descent_sign(vecs[:, 0].clone(), grad)
+        escape_curv = float(vals[0])
+
+    if grad_norm > grad_tol:
+        kind, resolved_by = "not_critical", "gradient"
+        reason = f"|grad| = {grad_norm:.3g} > grad_tol = {grad_tol:.3g}"
+        if n_neg:
+            reason += f"; negative curvature {float(vals[0]):.3g} is present"
+    elif curvature_kind != "degenerate":
+        kind, resolved_by = curvature_kind, "eigenvalues"
+        reason = {
+            "saddle": f"{n_neg} negative and {n_pos} positive eigenvalues",
+            "minimum": f"all {n} eigenvalues > {threshold:.3g}",
+            "maximum": f"all {n} eigenvalues < -{threshold:.3g}",
+        }[curvature_kind]
+    elif not probe:
+        kind, resolved_by = "degenerate", "unresolved"
+        reason = f"{n_zero} zero eigenvalues and probing is off: the second-order test is inconclusive"
+    else:
+        probe_result = probe_null_space(
+            objective, theta, float(loss), vals, vecs, threshold, radii,
+            n_random=n_random_probes, max_directions=max_probe_directions, seed=seed,
+        )
+        kind, reason = _probe_verdict(probe_result, n_neg, n_pos)
+        resolved_by = "unresolved" if kind == "degenerate" else "probe"
+        if kind == "saddle" and escape_dir is None:
+            escape_dir = probe_result.direction
+
+    top = vecs[:, -1].clone()
+    return CriticalPoint(
+        kind=kind,
+        curvature_kind=curvature_kind,
+        resolved_by=resolved_by,
+        reason=reason,
+        loss=float(loss),
+        grad_norm=grad_norm,
+        eigenvalues=vals,
+        n_params=n,
+        n_negative=n_neg,
+        n_zero=n_zero,
+        n_positive=n_pos,
+        min_ratio=n_pos / n,
+        index=n_neg / n,
+        escape_direction=escape_dir,
+        escape_curvature=escape_curv,
+        top_direction=top,
+        theta=theta.detach().clone(),
+        tolerances=tolerances,
+        probe=probe_result,
+        method="exact",
+        mode=objective.mode,
+        dtype=str(objective.dtype),
+        seed=seed,
+        hvp_count=spectrum.hvp_count,
+        seconds={**spectrum.seconds, "total": time.perf_counter() - start},
+    )
+
+
+def _descent_sign(u: Tensor, grad: Tensor) -> Tensor:
+    """Sign ``u`` so that it does not ascend (``g.u <= 0``); at ``g.u == 0`` make its largest entry positive."""
+    u = u / u.norm()
+    slope = float(grad @ u)
+    if slope > 0 or (slope == 0 and float(u[u.abs().argmax()]) < 0):
+        u = -u
+    return u
+
+
+def _probe_verdict(result: ProbeResult, n_neg: int, n_pos: int) -> tuple[str, str]:
+    """Combine what the probes saw with what the eigenvalues already say."""
+    # With negative eigenvalues present (and no positive) the point is not a minimum, and vice versa.
+    not_min = result.found_decrease or n_neg > 0
+    not_max = result.found_increase or n_pos > 0
+    radius = f"within the probed radii, null space of dimension {result.null_dim}"
+    if not_min and not_max:
+        what = "decrease" if result.found_decrease else "increase"
+        size = result.largest_decrease if what == "decrease" else result.largest_increase
+        return "saddle", f"degenerate; probing the null space found a loss {what} of {abs(size):.3g}"
+    if not result.complete:
+        return "degenerate", (
+            f"{result.null_dim} zero eigenvalues, more than the probe covers; no decisive change "
+            f"along {result.directions} random null directions"
+        )
+    if not_min:
+        return "maximum", f"degenerate; the loss does not increase along the null directions ({radius})"
+    flat = " and is flat" if result.flat else ""
+    return "minimum", f"degenerate; the loss does not decrease along the null directions{flat} ({radius})"
+
+
+def probe_null_space(
+    objective: Objective,
+    theta: Tensor,
+    loss0: float,
+    eigenvalues: Tensor,
+    eigenvectors: Tensor,
+    threshold: float,
+    radii: tuple[float, ...],
+    *,
+    n_random: int = 16,
+    max_directions: int = 64,
+    newton_steps: int = 40,
+    seed: int = 0,
+) -> ProbeResult:
+    """Probe the reduced loss along the null space of a degenerate point.
+
+    Looking for a decrease (is it a minimum?) the loss is minimised over the positive-curvature
+    subspace at each probe point; looking for an increase (a maximum?) it is maximised over the
+    negative-curvature subspace. Only tests that can change the verdict are run.
+    """
+    null = eigenvalues.abs() <= threshold
+    null_vecs = eigenvectors[:, null]
+    null_dim = int(null.sum())
+    complete = null_dim <= max_directions
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    directions: list[Tensor] = []
+    if complete:
+        directions.extend(null_vecs.T)
+    n_comb = n_random if complete else max(n_random, max_directions)
+    if null_dim > 1 or not complete:
+        coeffs = torch.randn(n_comb, null_dim, generator=gen, dtype=torch.float64)
+        combos = coeffs.to(null_vecs.dtype) @ null_vecs.T
+        directions.extend(combos / combos.norm(dim=1, keepdim=True))
+    has_pos = bool((eigenvalues > threshold).any())
+    has_neg = bool((eigenvalues < -threshold).any())
+    eps = torch.finfo(objective.dtype).eps
+    scale = float(eigenvalues.abs().max())
+    state = {"evals": 0}
+    grad = objective.grad(theta)
+
+    def search(sign: float) -> tuple[bool, float, Tensor | None, bool]:
+        """Look for a significant fall of ``sign * loss`` beyond first order. Returns
+        (found, largest change of the loss, displacement direction, every probe flat)."""
+        sub = eigenvalues > threshold if sign > 0 else eigenvalues < -threshold
+        basis, curv = eigenvectors[:, sub], sign * eigenvalues[sub]
+        # The reference is the reduced value at t = 0 (the reduction alone may lower it when the
+        # gradient is small but not zero), and the reduced function's first-order term is taken
+        # out: the probe asks about the higher-order shape, not about a gradient already judged
+        # negligible (|grad| <= grad_tol).
+        origin, origin_disp = _reduced(objective, theta, torch.zeros_like(theta), basis, curv, sign,
+                                       newton_steps, state)
+        # The reduced function's slope at t = 0 is the gradient where the reduction landed.
+        slope_grad = objective.grad(theta + origin_disp) if basis.shape[1] else grad
+        best, best_dir, all_flat = 0.0, None, True
+        for d in directions:
+            for s in (1.0, -1.0):
+                for r in radii:
+                    value, disp = _reduced(objective, theta, s * r * d, basis, curv, sign,
+                                           newton_steps, state)
+                    linear = sign * s * r * float(slope_grad @ d)
+                    change = value - origin - linear  # change of sign * loss beyond first order
+                    # The decision uses the loss's own rounding only: any allowance beyond it would
+                    # let a small negative eigenvalue counted as zero pass for a minimum. The
+                    # "flat" label may also forgive rounding on the scale of the curved terms.
+                    noise = 64 * eps * (abs(origin) + abs(value) + abs(linear))
+                    if abs(change) > noise + 64 * eps * 0.5 * scale * r * r:
+                        all_flat = False
+                    if abs(change) <= noise:
+                        continue  # no detectable change at this radius: look further out
+                    if change < 0 and change < best:
+                        best, best_dir = change, disp / disp.norm()
+                    break  # the smallest radius with a detectable change decides this direction
+                if best_dir is not None:
+                    return True, sign * best, best_dir, False  # one change settles this test
+        return best_dir is not None, sign * best, best_dir, all_flat
+
+    found_dec, dec, dec_dir, flat_min = (False, 0.0, None, True)
+    found_inc, inc, flat_max = False, 0.0, True
+    if not has_neg:  # could be a minimum: look for a decrease
+        found_dec, dec, dec_dir, flat_min = search(+1.0)
+    if not has_pos:  # could be a maximum: look for an increase
+        found_inc, inc, _, flat_max = search(-1.0)
+    return ProbeResult(
+        null_dim=null_dim,
+        directions=len(directions),
+        complete=complete,
+        found_decrease=found_dec,
+        found_increase=found_inc,
+        largest_decrease=dec,
+        largest_increase=inc,
+        flat=flat_min and flat_max and not found_dec and not found_inc,
+        evaluations=state["evals"],
+        direction=dec_dir,
+    )
+
+
+def _reduced(
+    objective: Objective,
+    theta: Tensor,
+    step: Tensor,
+    basis: Tensor,
+    curvature: Tensor,
+    sign: float,
+    newton_steps: int,
+    state: dict[str, int],
+) -> tuple[float, Tensor]:
+    """``min_w sign * L(theta + step + basis @ w)`` by Newton steps with the fixed curvatures.
+
+    Only steps that lower the value are taken, so the result is always a real evaluated point.
+    Returns the value and the displacement from ``theta``.
+    """
+    disp = step.clone()
+    value = sign * float(objective.loss(theta + disp))
+    state["evals"] += 1
+    if basis.shape[1] == 0:
+        return value, disp
+    eps = torch.finfo(objective.dtype).eps
+    # Newton with the curvature at theta converges linearly at a rate O(|step|); it must run to
+    # rounding level, since a reduction stopped early overestimates the value and hides decreases.
+    for _ in range(newton_steps):
+        _, grad = objective.loss_and_grad(theta + disp)
+        state["evals"] += 1
+        move = -(basis @ ((sign * (basis.T @ grad)) / curvature))
+        if float(move.norm()) <= eps * (1.0 + float((theta + disp).norm())):
+            break
+        improved = False
+        for _ in range(6):
+            trial = sign * float(objective.loss(theta + disp + move))
+            state["evals"] += 1
+            if trial < value:
+                disp, value, improved = disp + move, trial, True
+                break
+            move = 0.5 * move
+        if not improved:
+            break
+    return value, disp

@@ -1,0 +1,48 @@
+"""Exceptions raised for bad input or impossible requests.
+
+Every error names what was wrong and what to do about it; the CLI prints the
+message as one line and exits non-zero. All inherit from :class:`SaddlescopeError`,
+and those about bad arguments also from :class:`ValueError`, so generic handlers work.
+"""
+
+from __future__ import annotations
+
+
+class SaddlescopeError(Exception):
+    """Base class of every saddlescope error."""
+
+
+class InvalidInputError(SaddlescopeError, ValueError):
+    """An argument has the wrong type, shape, dtype or value."""
+
+
+class NonScalarLossError(InvalidInputError):
+    """The loss function returned something other than a scalar."""
+
+
+class NonFiniteLossError(SaddlescopeError, ArithmeticError):
+    """The loss (or its gradient) is NaN or infinite at the requested point."""
+
+
+class NoTrainableParametersError(InvalidInputError):
+    """The model has no parameter to differentiate."""
+
+
+class ThetaError(InvalidInputError):
+    """A parameter vector has the wrong length, dtype, device or dimension."""
+
+
+class EmptyDataError(InvalidInputError):
+    """The data iterable yielded no batch (or only empty batches)."""
+
+
+class BatchShapeError(InvalidInputError):
+    """A batch is malformed: inputs and targets disagree, or the model rejects its shape."""
+
+
+class TooLargeError(SaddlescopeError, MemoryError):
+    """An exact computation would exceed the memory budget; use the iterative path."""
+
+
+class NotADescentPointError(SaddlescopeError):
+    """An escape step was asked for where no negative-curvature direction exists."""

@@ -1,0 +1,576 @@
+r"""The objective: one pure function of one flat parameter vector.
+
+Everything above this layer sees a 1-D tensor :math:`\theta` and four methods:
+
+.. math::
+
+    L(\theta) = \frac{\sum_b n_b \, \ell_b(\theta)}{\sum_b n_b}, \qquad
+    g(\theta) = \nabla L(\theta), \qquad
+    H(\theta)\,v = \nabla\big(g(\theta)^\top v\big), \qquad
+    H(\theta) = \nabla^2 L(\theta),
+
+where :math:`\ell_b` is the (mean) loss of batch :math:`b` of :math:`n_b` samples, so the
+Hessian over several batches is exactly the full-data Hessian.
+
+One HVP engine serves the whole package: :class:`GradientGraph`. It computes the gradient at
+:math:`\theta` once with ``create_graph=True`` and answers every product :math:`Hv` with one
+backward pass through that graph (double backward). ``bench/hvp_engines.py`` measures why:
+forward-over-reverse ``jvp(grad(f))`` rebuilds the gradient for every product and costs several
+gradients; the reused graph costs about one and a half.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from saddlescope.errors import (
+    BatchShapeError,
+    EmptyDataError,
+    InvalidInputError,
+    NonFiniteLossError,
+    NonScalarLossError,
+    NoTrainableParametersError,
+    ThetaError,
+    TooLargeError,
+)
+
+# Bytes an exact Hessian may take by default: the matrix, the copy eigh works on and the
+# eigenvectors (3 n^2 numbers); 2 GiB admits ~9,400 float64 parameters.
+DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of data with its weight in the full-data mean."""
+
+    inputs: Any
+    targets: Any
+    size: int
+
+
+class Objective:
+    """A scalar function of a flat parameter vector with its derivatives.
+
+    Build one with :meth:`from_function` (an analytic function of ``theta``) or
+    :meth:`from_model` (an ``nn.Module``, a loss and data). All methods take ``theta`` as a
+    1-D tensor of length :attr:`n_params` and dtype :attr:`dtype`; none of them mutates it.
+
+    Attributes:
+        theta0: the starting point (a model's current parameters, or the given ``theta0``).
+        n_params: the length of ``theta``.
+        dtype, device: what ``theta`` must have.
+        mode: ``"eval"`` or ``"train"`` for models (dropout and BatchNorm behaviour), ``"function"``
+            for analytic objectives.
+    """
+
+    def __init__(
+        self,
+        batch_loss: Callable[[Tensor, Batch], Tensor],
+        batches: Callable[[], Iterable[Batch]],
+        theta0: Tensor,
+        *,
+        mode: str,
+        describe: dict[str, Any] | None = None,
+        param_names: list[str] | None = None,
+        param_shapes: list[torch.Size] | None = None,
+    ) -> None:
+        self._batch_loss = batch_loss
+        self._batches = batches
+        self.theta0 = theta0.detach().clone()
+        self.n_params = theta0.numel()
+        self.dtype = theta0.dtype
+        self.device = theta0.device
+        self.mode = mode
+        self.param_names = param_names
+        self.param_shapes = param_shapes
+        self.description = describe or {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_function(
+        cls,
+        f: Callable[[Tensor], Tensor],
+        theta0: Any,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> Objective:
+        """An objective from an analytic function ``f(theta) -> scalar tensor``.
+
+        Args:
+            f: a function of a 1-D tensor built from differentiable torch operations.
+            theta0: the starting point (anything ``torch.as_tensor`` accepts).
+            dtype: the dtype of ``theta``; defaults to the dtype of a floating tensor ``theta0``,
+                else float64 (Python floats are double precision).
+        """
+        if not callable(f):
+            raise InvalidInputError(f"f must be callable, got {type(f).__name__}")
+        theta0 = _as_flat_tensor(theta0, dtype)
+
+        def batch_loss(theta: Tensor, batch: Batch) -> Tensor:
+            return f(theta)
+
+        single = [Batch(inputs=None, targets=None, size=1)]
+        obj = cls(
+            batch_loss,
+            lambda: single,
+            theta0,
+            mode="function",
+            describe={"kind": "function", "function": getattr(f, "__name__", repr(f))},
+        )
+        obj.loss(obj.theta0)  # fail now, not in the middle of an analysis
+        return obj
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Any,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        train_mode: bool = False,
+        params: Iterable[str] | None = None,
+        reduction: str = "mean",
+    ) -> Objective:
+        """An objective over a model's parameters: ``loss_fn(model(inputs), targets)`` on ``data``.
+
+        Args:
+            model: any ``nn.Module``; it is not modified (parameters are passed functionally).
+            loss_fn: ``loss_fn(outputs, targets) -> scalar``; gets whatever the model returns.
+            data: an ``(inputs, targets)`` pair or an iterable of such batches (a DataLoader).
+                ``inputs`` may be a tensor or a dict of tensors (passed as keyword arguments).
+                A one-shot iterator is read once and kept.
+            dtype: compute dtype (e.g. ``torch.float64`` for exact work); floating parameters,
+                buffers, inputs and targets are cast to it. Defaults to the parameters' dtype.
+            device: where to compute; defaults to the parameters' device.
+            train_mode: evaluate in training mode (dropout on, batch statistics); default eval.
+            params: names of the parameters to differentiate; default all with ``requires_grad``.
+                The others, and all buffers, are held fixed.
+            reduction: ``"mean"`` if ``loss_fn`` averages over the batch (batches are then
+                weighted by size), ``"sum"`` if it sums (batch losses are added).
+        """
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise InvalidInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if reduction not in ("mean", "sum"):
+            raise InvalidInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+        named = dict(model.named_parameters())
+        if params is None:
+            trainable = [n for n, p in named.items() if p.requires_grad]
+        else:
+            trainable = list(params)
+            unknown = [n for n in trainable if n not in named]
+            if unknown:
+                raise InvalidInputError(
+                    f"params names {unknown} are not parameters of the model; "
+                    f"known: {list(named)[:8]}{'...' if len(named) > 8 else ''}"
+                )
+        if not trainable:
+            raise NoTrainableParametersError(
+                "the model has no parameter with requires_grad=True to differentiate; "
+                "unfreeze some (p.requires_grad_(True)) or name them with params=[...]"
+            )
+        first = named[trainable[0]]
+        dtype = dtype or first.dtype
+        if not dtype.is_floating_point:
+            raise InvalidInputError(f"dtype must be a floating dtype, got {dtype}")
+        device = torch.device(device) if device is not None else first.device
+
+        def cast(t: Any) -> Any:
+            if isinstance(t, Tensor):
+                t = t.to(device)
+                return t.to(dtype) if t.is_floating_point() else t
+            if isinstance(t, Mapping):
+                return {k: cast(v) for k, v in t.items()}
+            return t
+
+        shapes = [named[n].shape for n in trainable]
+        sizes = [named[n].numel() for n in trainable]
+        fixed = {n: cast(p.detach()) for n, p in named.items() if n not in set(trainable)}
+        fixed.update({n: cast(b.detach()) for n, b in model.named_buffers()})
+        theta0 = torch.cat([named[n].detach().reshape(-1) for n in trainable]).to(device, dtype)
+
+        batch_list = _materialise(data, cast)
+
+        def batches() -> Iterable[Batch]:
+            if batch_list is not None:
+                return batch_list
+            return (_make_batch(b, cast) for b in data)
+
+        def batch_loss(theta: Tensor, batch: Batch) -> Tensor:
+            tensors = dict(zip(trainable, (t.view(s) for t, s in zip(torch.split(theta, sizes), shapes))))
+            state = dict(fixed)
+            if train_mode:  # BatchNorm updates its buffers in training mode: keep ours pristine
+                state = {k: v.clone() for k, v in state.items()}
+            state.update(tensors)
+            was_training = model.training
+            model.train(train_mode)
+            try:
+                if isinstance(batch.inputs, Mapping):
+                    outputs = functional_call(model, state, args=(), kwargs=dict(batch.inputs))
+                else:
+                    outputs = functional_call(model, state, (batch.inputs,))
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise BatchShapeError(
+                    f"the model failed on a batch with inputs {_describe(batch.inputs)}: "
+                    f"{str(exc).splitlines()[0]}; check that the data match the model"
+                ) from exc
+            finally:
+                model.train(was_training)
+            loss = loss_fn(outputs, batch.targets)
+            if reduction == "sum":
+                return loss
+            return loss * batch.size
+
+        obj = cls(
+            batch_loss,
+            batches,
+            theta0,
+            mode="train" if train_mode else "eval",
+            describe={
+                "kind": "model",
+                "model": type(model).__name__,
+                "reduction": reduction,
+                "n_fixed_tensors": len(fixed),
+            },
+            param_names=trainable,
+            param_shapes=shapes,
+        )
+        obj._reduction = reduction
+        total = sum(b.size for b in obj._batches())
+        if total == 0:
+            raise EmptyDataError("the data yielded no samples; pass at least one non-empty batch")
+        obj._normaliser = float(total) if reduction == "mean" else 1.0
+        obj.n_samples = total
+        obj.loss(obj.theta0)  # fail now, with the model's own message, not mid-analysis
+        return obj
+
+    # Analytic objectives: one "batch" of size 1 and no normalisation.
+    _normaliser: float = 1.0
+    n_samples: int = 1
+
+    # ------------------------------------------------------------------ evaluation
+    def check_theta(self, theta: Any, name: str = "theta") -> Tensor:
+        """Return ``theta`` if it is a valid parameter vector for this objective, else raise."""
+        if not isinstance(theta, Tensor):
+            raise ThetaError(f"{name} must be a torch.Tensor, got {type(theta).__name__}")
+        if theta.dim() != 1 or theta.numel() != self.n_params:
+            raise ThetaError(
+                f"{name} must be a 1-D tensor of length {self.n_params}, got shape {tuple(theta.shape)}"
+            )
+        if theta.dtype != self.dtype:
+            raise ThetaError(
+                f"{name} has dtype {theta.dtype} but the objective computes in {self.dtype}; "
+                f"convert it with {name}.to({self.dtype})"
+            )
+        if theta.device != self.device:
+            raise ThetaError(f"{name} is on {theta.device} but the objective is on {self.device}")
+        return theta
+
+    def _scalar(self, value: Any) -> Tensor:
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise NonScalarLossError(
+                f"the loss must be a scalar tensor, got {shape}; reduce it (e.g. reduction='mean')"
+            )
+        return value.reshape(())
+
+    def _total(self, theta: Tensor) -> Tensor:
+        """The loss as a differentiable function of ``theta`` (all batches in one graph)."""
+        total = None
+        for batch in self._batches():
+            part = self._scalar(self._batch_loss(theta, batch))
+            total = part if total is None else total + part
+        if total is None:
+            raise EmptyDataError("the data yielded no batch")
+        return total / self._normaliser
+
+    def loss(self, theta: Tensor) -> Tensor:
+        """:math:`L(\\theta)` as a 0-d tensor (no graph)."""
+        theta = self.check_theta(theta)
+        with torch.no_grad():
+            value = self._total(theta)
+        return _finite(value, "loss", theta)
+
+    def grad(self, theta: Tensor) -> Tensor:
+        """:math:`\\nabla L(\\theta)`."""
+        return self.loss_and_grad(theta)[1]
+
+    def loss_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and gradient in one pass, batch by batch (one batch graph alive at a time)."""
+        theta = self.check_theta(theta)
+        leaf = theta.detach().requires_grad_(True)
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros_like(theta)
+        seen = False
+        for batch in self._batches():
+            seen = True
+            part = self._scalar(self._batch_loss(leaf, batch)) / self._normaliser
+            (g,) = torch.autograd.grad(part, leaf, allow_unused=True)
+            loss += part.detach()
+            if g is not None:
+                grad += g
+        if not seen:
+            raise EmptyDataError("the data yielded no batch")
+        _finite(loss, "loss", theta)
+        _finite(grad, "gradient", theta)
+        return loss, grad
+
+    def gradient_graph(self, theta: Tensor, keep_graphs: bool | None = None) -> GradientGraph:
+        """The package's HVP engine at ``theta``: see :class:`GradientGraph`."""
+        return GradientGraph(self, self.check_theta(theta), keep_graphs=keep_graphs)
+
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """One Hessian-vector product :math:`H(\\theta) v`.
+
+        For many products at one ``theta`` use :meth:`gradient_graph`, which reuses the gradient.
+        """
+        return self.gradient_graph(theta).hvp(v)
+
+    def hessian(
+        self,
+        theta: Tensor,
+        *,
+        chunk_size: int | None = None,
+        max_bytes: int = DEFAULT_EXACT_BUDGET_BYTES,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """The full symmetric Hessian, an ``(n, n)`` tensor.
+
+        Built as :math:`H = H I` in chunks of basis vectors, each chunk one batched backward pass
+        through the reused gradient graph (``bench/exact_hessian.py`` compares this with
+        ``torch.func.hessian`` and ``vmap(jvp(grad))``). The result is symmetrised.
+
+        Args:
+            chunk_size: basis vectors per batched product; default picks by problem size.
+            max_bytes: refuse (``TooLargeError``) if the matrix, eigh's copy and eigenvectors
+                would exceed this many bytes.
+            progress: called as ``progress(done, total)`` after each chunk.
+        """
+        theta = self.check_theta(theta)
+        n = self.n_params
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        need = 3 * n * n * itemsize
+        if need > max_bytes:
+            raise TooLargeError(
+                f"the exact Hessian of {n:,} parameters needs about {need / 2**30:.1f} GiB "
+                f"(budget {max_bytes / 2**30:.1f} GiB); raise max_bytes, analyse a block, or use "
+                "the iterative path (Hessian-vector products: Objective.gradient_graph / hvp)"
+            )
+        graph = self.gradient_graph(theta)
+        if chunk_size is None:
+            chunk_size = _default_chunk(n)
+        hess = torch.empty((n, n), dtype=self.dtype, device=self.device)
+        eye_rows = torch.eye(chunk_size, dtype=self.dtype, device=self.device)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            basis = torch.zeros((stop - start, n), dtype=self.dtype, device=self.device)
+            basis[:, start:stop] = eye_rows[: stop - start, : stop - start]
+            hess[start:stop] = graph.hvp_batch(basis)
+            if progress is not None:
+                progress(stop, n)
+        hess = 0.5 * (hess + hess.T)
+        _finite(hess, "Hessian", theta)
+        return hess
+
+    def __repr__(self) -> str:
+        return (
+            f"Objective({self.description.get('kind', '?')}, n_params={self.n_params}, "
+            f"dtype={self.dtype}, device={self.device}, mode={self.mode})"
+        )
+
+
+class GradientGraph:
+    """The gradient at one ``theta``, kept differentiable so each HVP is one backward pass.
+
+    Building costs one gradient with ``create_graph=True``; each product :math:`Hv` is then one
+    double-backward pass, and a batch of products ``V`` (rows) one vmapped pass
+    (``is_grads_batched``). With several data batches the per-batch graphs are kept when
+    ``keep_graphs`` (default: only when there is a single batch, where memory is that of one
+    gradient); otherwise each product rebuilds them batch by batch, holding one at a time.
+
+    Attributes:
+        theta: the point (detached).
+        loss, grad: :math:`L(\\theta)` and :math:`\\nabla L(\\theta)`.
+        hvp_count: Hessian-vector products computed so far (a batch of k counts k).
+    """
+
+    def __init__(self, objective: Objective, theta: Tensor, keep_graphs: bool | None = None) -> None:
+        self.objective = objective
+        self.theta = theta.detach()
+        self.hvp_count = 0
+        batches = list(objective._batches())
+        if not batches:
+            raise EmptyDataError("the data yielded no batch")
+        self._batches = batches
+        self._keep = len(batches) == 1 if keep_graphs is None else keep_graphs
+        self._graphs: list[tuple[Tensor, Tensor]] = []
+        loss = torch.zeros((), dtype=objective.dtype, device=objective.device)
+        grad = torch.zeros_like(self.theta)
+        for batch in batches:
+            leaf, g, part = self._build(batch)
+            loss += part.detach()
+            grad += g.detach()
+            if self._keep:
+                self._graphs.append((leaf, g))
+        self.loss = _finite(loss, "loss", theta)
+        self.grad = _finite(grad, "gradient", theta)
+
+    def _build(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        obj = self.objective
+        leaf = self.theta.clone().requires_grad_(True)
+        part = obj._scalar(obj._batch_loss(leaf, batch)) / obj._normaliser
+        (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(leaf)
+        return leaf, g, part
+
+    def _graphs_iter(self) -> Iterable[tuple[Tensor, Tensor]]:
+        if self._keep:
+            yield from self._graphs
+        else:
+            for batch in self._batches:
+                leaf, g, _ = self._build(batch)
+                yield leaf, g
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """:math:`H v` for one vector ``v`` of length n."""
+        v = self.objective.check_theta(v, "v")
+        return self.hvp_batch(v.unsqueeze(0))[0]
+
+    def hvp_batch(self, vs: Tensor) -> Tensor:
+        """:math:`(H V^\\top)^\\top` for the rows of ``vs`` (shape ``(k, n)``): k products at once."""
+        obj = self.objective
+        if vs.dim() != 2 or vs.shape[1] != obj.n_params:
+            raise ThetaError(f"vs must have shape (k, {obj.n_params}), got {tuple(vs.shape)}")
+        if vs.dtype != obj.dtype or vs.device != obj.device:
+            raise ThetaError(f"vs must be {obj.dtype} on {obj.device}, got {vs.dtype} on {vs.device}")
+        out = torch.zeros_like(vs)
+        batched = vs.shape[0] > 1
+        for leaf, g in self._graphs_iter():
+            if not g.requires_grad:  # loss linear in theta on this batch: zero curvature
+                continue
+            (hv,) = torch.autograd.grad(
+                g,
+                leaf,
+                grad_outputs=vs if batched else vs[0],
+                retain_graph=self._keep,
+                is_grads_batched=batched,
+                allow_unused=True,
+            )
+            if hv is not None:
+                out += hv if batched else hv.unsqueeze(0)
+        self.hvp_count += vs.shape[0]
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _default_chunk(n: int) -> int:
+    # Large enough that each batched backward is matrix-shaped, small enough to bound memory.
+    return max(1, min(n, 32))
+
+
+def _as_flat_tensor(theta0: Any, dtype: torch.dtype | None) -> Tensor:
+    try:
+        t = torch.as_tensor(theta0) if isinstance(theta0, Tensor) else torch.as_tensor(theta0, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ThetaError(f"theta0 must be convertible to a tensor: {exc}") from exc
+    if dtype is None:
+        dtype = t.dtype if t.is_floating_point() else torch.float64
+    if not dtype.is_floating_point:
+        raise ThetaError(f"theta0 dtype must be floating, got {dtype}")
+    t = t.to(dtype).detach().clone()
+    if t.dim() != 1 or t.numel() == 0:
+        raise ThetaError(f"theta0 must be a non-empty 1-D vector, got shape {tuple(t.shape)}")
+    return t
+
+
+def _finite(value: Tensor, what: str, theta: Tensor) -> Tensor:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteLossError(
+            f"the {what} is not finite (NaN or inf) at theta with norm {float(theta.norm()):.3g}; "
+            "check the data, the learning rate that led here, or use dtype=torch.float64"
+        )
+    return value
+
+
+def _first_dim(x: Any) -> int | None:
+    if isinstance(x, Tensor):
+        return x.shape[0] if x.dim() > 0 else None
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return v.shape[0]
+    return None
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} {x.dtype}"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _is_pair(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], (Tensor, Mapping))
+        and not isinstance(data[0], (tuple, list))
+    )
+
+
+def _make_batch(raw: Any, cast: Callable[[Any], Any]) -> Batch:
+    if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
+        raise BatchShapeError(
+            f"each batch must be an (inputs, targets) pair, got {type(raw).__name__}"
+            + (f" of length {len(raw)}" if isinstance(raw, (tuple, list)) else "")
+        )
+    inputs, targets = cast(raw[0]), cast(raw[1])
+    n_in, n_out = _first_dim(inputs), _first_dim(targets)
+    if n_in is None:
+        raise BatchShapeError(f"batch inputs must be a tensor or dict of tensors, got {_describe(inputs)}")
+    if n_out is not None and n_out != n_in:
+        raise BatchShapeError(
+            f"batch has {n_in} inputs but {n_out} targets ({_describe(inputs)} vs "
+            f"{_describe(targets)}); inputs and targets must share their first dimension"
+        )
+    return Batch(inputs=inputs, targets=targets, size=n_in)
+
+
+def _materialise(data: Any, cast: Callable[[Any], Any]) -> list[Batch] | None:
+    """Batches as a list when the data are a pair, a list or a one-shot iterator; else None."""
+    if data is None:
+        raise EmptyDataError("data is None; pass an (inputs, targets) pair or an iterable of them")
+    if _is_pair(data):
+        batches = [_make_batch(data, cast)]
+    elif isinstance(data, (tuple, list)):
+        batches = [_make_batch(b, cast) for b in data]
+    elif isinstance(data, Iterable):
+        if iter(data) is not data:  # re-iterable (a DataLoader): read lazily on every pass
+            return None
+        batches = [_make_batch(b, cast) for b in data]
+    else:
+        raise InvalidInputError(
+            f"data must be an (inputs, targets) pair or an iterable of them, got {type(data).__name__}"
+        )
+    batches = [b for b in batches if b.size > 0]
+    if not batches:
+        raise EmptyDataError("the data yielded no non-empty batch; pass at least one sample")
+    return batches
+
+
+def flat_size(shapes: Iterable[torch.Size]) -> int:
+    """Number of entries in tensors of the given shapes."""
+    return sum(math.prod(s) for s in shapes)

@@ -1,0 +1,114 @@
+"""Static plots (matplotlib, PNG/SVG)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saddlescope.critical import CriticalPoint
+from saddlescope.errors import InvalidInputError
+from saddlescope.objective import Objective
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works with no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_surface_2d(
+    objective: Objective,
+    path: str | os.PathLike[str],
+    *,
+    points: Sequence[CriticalPoint] = (),
+    curves: Sequence[tuple[str, Callable[[np.ndarray], np.ndarray]]] = (),
+    extent: tuple[float, float, float, float] = (-2.0, 2.0, -2.0, 2.0),
+    resolution: int = 201,
+    log_levels: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Contour map of a two-parameter objective, critical points marked by kind, escape arrows drawn.
+
+    Args:
+        points: verdicts to mark; each with an escape direction gets an arrow.
+        curves: ``(label, y = fn(x))`` curves to overlay, e.g. a valley of minima.
+        extent: ``(xmin, xmax, ymin, ymax)``.
+        log_levels: contour ``log10(loss - min + 1e-3)`` so that flat valleys stay visible.
+    """
+    if objective.n_params != 2:
+        raise InvalidInputError(f"a 2-D surface needs 2 parameters, the objective has {objective.n_params}")
+    plt = _pyplot()
+    xs = np.linspace(extent[0], extent[1], resolution)
+    ys = np.linspace(extent[2], extent[3], resolution)
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    pts = torch.tensor(np.stack([grid_x.ravel(), grid_y.ravel()], 1), dtype=objective.dtype)
+    values = np.array([float(objective.loss(p)) for p in pts]).reshape(grid_x.shape)
+    shown = np.log10(values - values.min() + 1e-3) if log_levels else values
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    filled = ax.contourf(grid_x, grid_y, shown, levels=40, cmap="viridis")
+    ax.contour(grid_x, grid_y, shown, levels=20, colors="white", linewidths=0.3, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="log10(loss - min + 1e-3)" if log_levels else "loss")
+    for label, fn in curves:
+        cx = np.linspace(extent[0], extent[1], 2000)
+        cy = fn(cx)
+        cy = np.where((cy >= extent[2]) & (cy <= extent[3]), cy, np.nan)
+        ax.plot(cx, cy, color="white", lw=2.0, ls="--", label=label)
+    style = {"saddle": ("X", "red"), "minimum": ("o", "white"), "maximum": ("^", "orange"),
+             "degenerate": ("s", "gray"), "not_critical": (".", "black")}
+    span = max(extent[1] - extent[0], extent[3] - extent[2])
+    for cp in points:
+        x, y = cp.theta.tolist()
+        marker, color = style.get(cp.kind, ("*", "pink"))
+        ax.scatter([x], [y], marker=marker, s=140, c=color, edgecolors="black", zorder=5,
+                   label=f"{cp.kind} at ({x:.2g}, {y:.2g})")
+        if cp.escape_direction is not None:
+            dx, dy = (cp.escape_direction * 0.25 * span).tolist()
+            for sgn in (1, -1) if cp.grad_norm == 0 else (1,):
+                ax.annotate("", xy=(x + sgn * dx, y + sgn * dy), xytext=(x, y),
+                            arrowprops={"arrowstyle": "->", "color": "red", "lw": 2.5}, zorder=6)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_xlabel("theta[0]")
+    ax.set_ylabel("theta[1]")
+    ax.set_title(title or "loss surface")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curve(
+    losses: Sequence[float],
+    path: str | os.PathLike[str],
+    *,
+    markers: Sequence[tuple[int, str]] = (),
+    title: str = "training loss",
+) -> Path:
+    """Loss against step (log scale), with labelled vertical markers (e.g. ``(step, "stall")``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(np.arange(len(losses)), losses, lw=1.5)
+    for step, label in markers:
+        ax.axvline(step, color="red", ls="--", lw=1)
+        ax.text(step, ax.get_ylim()[1], f" {label}", color="red", va="top", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

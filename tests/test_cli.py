@@ -1,0 +1,43 @@
+"""The command line: verdicts, JSON, one-line errors, and the demo end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "saddlescope.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_analyze_a_builtin_problem_as_json():
+    res = run("analyze", "--problem", "seed-toy", "--theta", "0,0", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["kind"] == "saddle" and out["eigenvalues"] == pytest.approx([-2, 2])
+
+
+def test_errors_are_one_line_without_traceback():
+    for args in (["analyze", "--problem", "nope"], ["analyze", "--problem", "seed-toy", "--theta", "1,2,3"],
+                 ["analyze", "--problem", "seed-toy", "--theta", "a,b"]):
+        res = run(*args)
+        assert res.returncode == 2
+        assert "Traceback" not in res.stderr
+        assert res.stderr.strip().startswith("error:")
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = run("demo", "--out", str(tmp_path), "--quick", timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["toy"]["origin"]["kind"] == "saddle"
+    assert report["toy"]["origin"]["eigenvalues"] == pytest.approx([-2, 2])
+    assert report["toy"]["valley"]["kind"] == "minimum"
+    assert report["toy"]["escape"]["loss_after"] < report["toy"]["escape"]["loss_before"]
+    assert report["digits"]["verdict"]["n_params"] == 2410
+    for png in ("seed_toy_surface.png", "digits_loss.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

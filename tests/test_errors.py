@@ -1,0 +1,107 @@
+"""Bad input gets a saddlescope.errors exception that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+
+import saddlescope as ss
+from saddlescope import errors
+
+
+def data(n=4):
+    return torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 2, (n,))
+
+
+def model():
+    return ss.problems.mlp((3, 4, 2), "tanh").double()
+
+
+def test_non_scalar_loss():
+    with pytest.raises(errors.NonScalarLossError, match="scalar"):
+        ss.Objective.from_model(model(), nn.CrossEntropyLoss(reduction="none"), data())
+    with pytest.raises(errors.NonScalarLossError):
+        ss.Objective.from_function(lambda th: th * 2, [1.0, 2.0])
+
+
+def test_no_trainable_parameters():
+    m = model()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(errors.NoTrainableParametersError, match="requires_grad"):
+        ss.Objective.from_model(m, nn.functional.cross_entropy, data())
+
+
+def test_nan_and_inf_loss():
+    x, y = data()
+    x[0, 0] = float("nan")
+    with pytest.raises(errors.NonFiniteLossError, match="not finite"):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, (x, y))
+    obj = ss.Objective.from_function(lambda th: torch.log(th[0]), [1.0])
+    with pytest.raises(errors.NonFiniteLossError):
+        obj.loss(torch.tensor([-1.0], dtype=torch.float64))
+    with pytest.raises(errors.NonFiniteLossError):
+        ss.analyze(obj, torch.tensor([0.0], dtype=torch.float64))
+
+
+def test_theta_of_the_wrong_length_dtype_or_shape():
+    obj = ss.Objective.from_model(model(), nn.functional.cross_entropy, data())
+    with pytest.raises(errors.ThetaError, match=f"length {obj.n_params}"):
+        obj.loss(torch.zeros(obj.n_params + 1, dtype=torch.float64))
+    with pytest.raises(errors.ThetaError, match="dtype"):
+        obj.grad(torch.zeros(obj.n_params, dtype=torch.float32))
+    with pytest.raises(errors.ThetaError, match="1-D"):
+        ss.analyze(obj, torch.zeros(1, obj.n_params, dtype=torch.float64))
+    with pytest.raises(errors.ThetaError, match="torch.Tensor"):
+        obj.hessian([0.0] * obj.n_params)
+    with pytest.raises(errors.ThetaError):
+        obj.hvp(obj.theta0, torch.zeros(3, dtype=torch.float64))
+
+
+def test_empty_data():
+    with pytest.raises(errors.EmptyDataError):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, [])
+    x, y = data(0)
+    with pytest.raises(errors.EmptyDataError):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, (x, y))
+    with pytest.raises(errors.EmptyDataError):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, None)
+
+
+def test_mismatched_batch_shapes():
+    x, _ = data(4)
+    with pytest.raises(errors.BatchShapeError, match="4 inputs but 3 targets"):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, (x, torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(errors.BatchShapeError, match="model failed"):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(errors.BatchShapeError, match="pair"):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, [(x,)])
+
+
+def test_exact_hessian_too_large_points_to_the_iterative_path():
+    obj = ss.Objective.from_model(model(), nn.functional.cross_entropy, data())
+    with pytest.raises(errors.TooLargeError, match="iterative"):
+        ss.analyze(obj, max_bytes=1000)
+
+
+def test_escape_at_a_minimum():
+    obj = ss.problems.rosenbrock()
+    cp = ss.analyze(obj, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(errors.NotADescentPointError, match="minimum"):
+        ss.escape(obj, cp)
+
+
+def test_bad_tolerances_and_arguments():
+    obj = ss.problems.seed_toy()
+    with pytest.raises(errors.InvalidInputError, match="rtol"):
+        ss.analyze(obj, rtol=-1)
+    with pytest.raises(errors.InvalidInputError, match="probe_radii"):
+        ss.analyze(obj, probe_radii=(0.0,))
+    with pytest.raises(errors.InvalidInputError):
+        ss.Objective.from_model("not a model", nn.functional.mse_loss, data())
+    with pytest.raises(errors.InvalidInputError):
+        ss.Objective.from_model(model(), nn.functional.cross_entropy, data(), reduction="max")
+
+
+def test_errors_are_value_errors_too():
+    assert issubclass(errors.ThetaError, ValueError)
+    assert issubclass(errors.SaddlescopeError, Exception)
