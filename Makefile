@@ -29,7 +29,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The anchors (PyHessian, curvlinops, hessian-eigenthings) are installed without their dependencies:
+# theirs would replace the pinned torch with a multi-gigabyte CUDA build.
+ANCHORS := pyhessian==0.1 hessian-eigenthings==1.0.0a5 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 \
+	einconv einops linear_operator opt-einsum tqdm unfoldNd
+
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps $(ANCHORS)
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -112,7 +112,7 @@ def run_demo(out: Path, console: Console | None = None, *, seed: int = 0, quick:
     png = plot_surface_2d(
         toy, out / "seed_toy_surface.png", points=[cp0, cp1],
         curves=[("valley of minima w1*w2 = 1", lambda x: np.where(np.abs(x) > 1e-9, 1.0 / x, np.nan))],
-        title="seed toy L = (1 - w1 w2)^2",
+        extent=(-2.5, 2.5, -2.5, 2.5), title="seed toy L = (1 - w1 w2)^2",
     )
     console.print(f"surface plot: {png}")
     report["toy"] = {"origin": cp0.to_dict(), "escape": step.to_dict(), "valley": cp1.to_dict()}

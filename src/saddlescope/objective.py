@@ -455,7 +455,7 @@ class GradientGraph:
             raise ThetaError(f"vs must have shape (k, {obj.n_params}), got {tuple(vs.shape)}")
         if vs.dtype != obj.dtype or vs.device != obj.device:
             raise ThetaError(f"vs must be {obj.dtype} on {obj.device}, got {vs.dtype} on {vs.device}")
-        out = torch.zeros_like(vs)
+        out: Tensor | None = None
         batched = vs.shape[0] > 1
         for leaf, g in self._graphs_iter():
             if not g.requires_grad:  # loss linear in theta on this batch: zero curvature
@@ -469,7 +469,10 @@ class GradientGraph:
                 allow_unused=True,
             )
             if hv is not None:
-                out += hv if batched else hv.unsqueeze(0)
+                hv = hv if batched else hv.unsqueeze(0)
+                out = hv if out is None else out + hv
+        if out is None:
+            out = torch.zeros_like(vs)
         self.hvp_count += vs.shape[0]
         return out
 
