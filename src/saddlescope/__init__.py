@@ -8,7 +8,7 @@
 
 from saddlescope import errors, problems
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
-from saddlescope.curvature import Spectrum, exact_spectrum
+from saddlescope.curvature import DenseOperator, EigenResult, HessianOperator, Spectrum, eigs, exact_spectrum
 from saddlescope.escape import EscapeStep, escape
 from saddlescope.objective import GradientGraph, Objective
 
@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CriticalPoint",
+    "DenseOperator",
+    "EigenResult",
+    "HessianOperator",
     "EscapeStep",
     "GradientGraph",
     "Objective",
@@ -23,6 +26,7 @@ __all__ = [
     "Spectrum",
     "Tolerances",
     "analyze",
+    "eigs",
     "errors",
     "escape",
     "exact_spectrum",

@@ -23,6 +23,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_surface_2d(
     objective: Objective,
     path: str | os.PathLike[str],
@@ -80,12 +89,7 @@ def plot_surface_2d(
     ax.set_ylabel("theta[1]")
     ax.set_title(title or "loss surface")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_loss_curve(
@@ -106,9 +110,4 @@ def plot_loss_curve(
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

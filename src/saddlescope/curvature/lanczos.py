@@ -1,0 +1,233 @@
+r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos with full reorthogonalisation.
+
+Wu & Simon (2000), "Thick-restart Lanczos method for large symmetric eigenvalue problems"; in the
+Krylov–Schur form (Stewart 2001) where the projected matrix :math:`T = V^\top A V` is kept dense.
+
+With an orthonormal basis :math:`V_j` built by Lanczos (every new vector orthogonalised twice against
+all previous ones, "twice is enough"), :math:`A V_j = V_j T_j + r_j e_j^\top`. A Ritz pair
+:math:`(\theta, y = V_j s)` of :math:`T_j s = \theta s` has residual
+:math:`\|A y - \theta y\| = \|r_j\|\,|s_j|`. When the basis is full, the wanted Ritz vectors (and the
+next Lanczos vector) are kept and the rest discarded: the decomposition keeps its form, so the
+iteration goes on without losing what has converged.
+
+Convergence is judged by residual norms relative to the spectral-norm estimate
+:math:`\max|\theta|`, never by the change between iterates. On convergence the Ritz vectors are
+multiplied once more (k extra products) to report *true* residuals: in floating point Lanczos loses
+orthogonality and the cheap estimate can be optimistic.
+
+The recurrence, the basis and the small eigenproblem run in ``dtype`` (float64 by default), whatever
+precision the operator computes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saddlescope.errors import InvalidInputError
+
+WHICH = ("largest", "smallest", "both")
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs from :func:`eigs`, eigenvalues ascending.
+
+    Attributes:
+        eigenvalues: shape ``(m,)`` (m = k, or 2k for ``which="both"``), ascending.
+        eigenvectors: shape ``(n, m)``, unit columns.
+        residuals: true residual norms ``||A v - lambda v||`` (one extra product per pair).
+        converged: per pair, ``residual <= tol * spectral_norm``.
+        spectral_norm: the estimate ``max |Ritz value|`` the tolerance is relative to.
+        hvp_count: operator products spent, including the confirmation.
+        restarts: thick restarts made.
+        which, tol: what was asked.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    spectral_norm: float
+    hvp_count: int
+    restarts: int
+    which: str
+    tol: float
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def to_dict(self, vectors: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "eigenvalues": self.eigenvalues.tolist(),
+            "residuals": self.residuals.tolist(),
+            "converged": self.converged.tolist(),
+            "spectral_norm": self.spectral_norm,
+            "hvp_count": self.hvp_count,
+            "restarts": self.restarts,
+            "which": self.which,
+            "tol": self.tol,
+        }
+        if vectors:
+            out["eigenvectors"] = self.eigenvectors.T.tolist()
+        return out
+
+
+def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices (into ascending Ritz values) of the pairs asked for."""
+    m = theta.numel()
+    if which == "largest":
+        return torch.arange(max(0, m - k), m)
+    if which == "smallest":
+        return torch.arange(0, min(k, m))
+    low = torch.arange(0, min(k, m))
+    high = torch.arange(max(0, m - k), m)
+    return torch.unique(torch.cat([low, high]))
+
+
+def eigs(
+    op: Any,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float = 1e-6,
+    krylov_dim: int | None = None,
+    max_hvps: int | None = None,
+    seed: int = 0,
+    v0: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> EigenResult:
+    """The ``k`` extreme eigenpairs of a symmetric operator.
+
+    Args:
+        op: anything with ``shape``, ``dtype``, ``device`` and ``matmat`` (e.g.
+            :class:`~saddlescope.curvature.operator.HessianOperator`).
+        k: pairs wanted at each requested end.
+        which: ``"largest"``, ``"smallest"`` (the most negative: what decides a saddle) or ``"both"``.
+        tol: converged when ``||A v - lambda v|| <= tol * max|lambda|``.
+        krylov_dim: basis size before a thick restart (default ``max(3m + 10, 40)``, m pairs wanted,
+            at most n).
+        max_hvps: product budget (default ``max(20 * krylov_dim, 500)``); the result says which pairs
+            converged within it.
+        seed: for the starting vector.
+        v0: starting vector instead of a random one.
+        dtype: precision of the recurrence, basis and projected eigenproblem.
+    """
+    if which not in WHICH:
+        raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
+    n = int(op.shape[0])
+    want = 2 * k if which == "both" else k
+    if not (isinstance(k, int) and 1 <= k and want <= n):
+        raise InvalidInputError(f"k = {k} pairs ({which}) do not fit an operator of dimension {n}")
+    if not (tol > 0):
+        raise InvalidInputError(f"tol must be positive, got {tol}")
+    m_max = min(n, krylov_dim if krylov_dim is not None else max(3 * want + 10, 40))
+    if m_max < min(n, want + 2):
+        raise InvalidInputError(f"krylov_dim = {m_max} is too small for {want} pairs; use at least {want + 2}")
+    budget = max_hvps if max_hvps is not None else max(20 * m_max, 500)
+    if budget < 1:
+        raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
+    device = op.device
+    products = 0
+
+    def apply(block: Tensor) -> Tensor:
+        nonlocal products
+        products += block.shape[1]
+        return op.matmat(block.to(op.dtype)).to(dtype)
+
+    if v0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v0 = torch.randn(n, generator=gen, dtype=dtype)
+    v = v0.to(device, dtype)
+    if float(v.norm()) == 0:
+        raise InvalidInputError("v0 must be non-zero")
+    basis = torch.zeros(n, m_max + 1, dtype=dtype, device=device)
+    proj = torch.zeros(m_max, m_max, dtype=dtype, device=device)
+    basis[:, 0] = v / v.norm()
+    j, kept, restarts = 0, 0, 0
+    beta, coupling_zero = 0.0, False
+    ritz = vecs = None
+    norm_est = 0.0
+    converged = torch.zeros(0, dtype=torch.bool)
+    gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
+
+    while True:
+        # Extend the basis to m_max columns (or stop at an invariant subspace).
+        while j < m_max and products < budget:
+            w = apply(basis[:, j : j + 1])[:, 0]
+            coeffs = basis[:, : j + 1].T @ w
+            w = w - basis[:, : j + 1] @ coeffs
+            again = basis[:, : j + 1].T @ w  # twice is enough
+            w = w - basis[:, : j + 1] @ again
+            coeffs = coeffs + again
+            proj[: j + 1, j] = coeffs
+            proj[j, : j + 1] = coeffs
+            beta = float(w.norm())
+            j += 1
+            scale = max(norm_est, float(coeffs.abs().max()))
+            if beta <= 1e-12 * max(scale, 1e-300):
+                # Invariant subspace: the Ritz values are exact. Continue with a fresh random
+                # direction orthogonal to the basis, decoupled from it (T stays block diagonal).
+                if j >= n:
+                    basis[:, j] = 0
+                    break
+                fresh = torch.randn(n, generator=gen_restart, dtype=dtype).to(device)
+                for _ in range(2):
+                    fresh = fresh - basis[:, :j] @ (basis[:, :j].T @ fresh)
+                basis[:, j] = fresh / fresh.norm()
+                coupling_zero = True
+            else:
+                basis[:, j] = w / beta
+                coupling_zero = False
+            norm_est = max(norm_est, scale)
+        # Rayleigh-Ritz on the current basis.
+        t = proj[:j, :j]
+        ritz, s = torch.linalg.eigh(0.5 * (t + t.T))
+        norm_est = max(norm_est, float(ritz.abs().max()))
+        # r_j = A v_{j-1} - V T e_{j-1}: its norm is beta of the last step (0 at an invariant subspace).
+        last_beta = 0.0 if (coupling_zero or j >= n) else beta
+        est = (last_beta * s[j - 1, :]).abs()
+        idx = _wanted(ritz, k, which)
+        converged = est[idx] <= tol * norm_est
+        if bool(converged.all()) or products >= budget or j >= n:
+            break
+        # Thick restart: keep the wanted pairs plus a margin of their neighbours.
+        n_keep = min(j - 1, m_max - 2, idx.numel() + max(idx.numel(), (m_max - idx.numel()) // 2))
+        keep = _wanted(ritz, n_keep // 2 if which == "both" else n_keep, which)
+        kept = keep.numel()
+        new_basis = basis[:, :j] @ s[:, keep]
+        coupling = last_beta * s[j - 1, keep]
+        basis[:, :kept] = new_basis
+        basis[:, kept] = basis[:, j]
+        proj.zero_()
+        proj[:kept, :kept] = torch.diag(ritz[keep])
+        proj[kept, :kept] = coupling
+        proj[:kept, kept] = coupling
+        j = kept
+        restarts += 1
+        # The next extension step recomputes column `kept` of T in full from A v_kept.
+
+    idx = _wanted(ritz, k, which)
+    values = ritz[idx]
+    vectors = basis[:, :j] @ s[:, idx]
+    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    confirm = apply(vectors)  # true residuals: Lanczos's estimate can be optimistic in floating point
+    rayleigh = (vectors * confirm).sum(0)
+    residuals = (confirm - vectors * rayleigh).norm(dim=0)
+    order = torch.argsort(rayleigh)
+    norm_est = max(norm_est, float(rayleigh.abs().max()))
+    return EigenResult(
+        eigenvalues=rayleigh[order],
+        eigenvectors=vectors[:, order],
+        residuals=residuals[order],
+        converged=(residuals[order] <= tol * norm_est).cpu(),
+        spectral_norm=norm_est,
+        hvp_count=products,
+        restarts=restarts,
+        which=which,
+        tol=tol,
+    )

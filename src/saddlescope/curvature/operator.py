@@ -1,0 +1,130 @@
+r"""Curvature matrices as linear operators: they only know how to multiply.
+
+Every algorithm in :mod:`saddlescope.curvature` (Lanczos, and what builds on it) takes any object with
+``shape``, ``dtype``, ``device`` and ``matmat``/``matvec``, so the Hessian of a 10-million-parameter
+model and a dense test matrix with a planted spectrum go through the same code.
+
+.. math::
+
+    H(\theta)\,v = \nabla_\theta\big(\nabla_\theta L(\theta)^\top v\big)
+
+is computed by :class:`saddlescope.objective.GradientGraph` (the package's one HVP engine): the
+gradient graph is built once at :math:`\theta` and each product is one backward pass through it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saddlescope.errors import InvalidInputError, NonFiniteLossError, ThetaError
+from saddlescope.objective import GradientGraph, Objective
+
+
+class _Operator:
+    """Shared behaviour: ``@``, argument checks, the SciPy adapter. Subclasses define ``_matmat``."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    hvp_count: int
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a vector of length n."""
+        if v.dim() != 1 or v.numel() != self.shape[1]:
+            raise ThetaError(f"v must be a vector of length {self.shape[1]}, got shape {tuple(v.shape)}")
+        return self.matmat(v.unsqueeze(1))[:, 0]
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``A V`` for the columns of ``vs`` (shape ``(n, k)``), returned in ``vs``'s dtype."""
+        if vs.dim() != 2 or vs.shape[0] != self.shape[1]:
+            raise ThetaError(f"V must have shape ({self.shape[1]}, k), got {tuple(vs.shape)}")
+        out = self._matmat(vs.to(self.device, self.dtype))
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteLossError("a matrix-vector product is not finite (NaN or inf); check the model and data")
+        return out.to(vs.dtype)
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over this operator."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(self.shape[1], -1)
+            out = self.matmat(t.to(torch.float64))
+            return out.cpu().numpy().reshape(np.shape(x))
+
+        return LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype=np.float64)
+
+
+class HessianOperator(_Operator):
+    """The Hessian of ``objective`` at ``theta`` as a linear operator.
+
+    Args:
+        objective: the function whose Hessian this is.
+        theta: the point (default ``objective.theta0``).
+        keep_graphs: keep every data batch's gradient graph between products (default: only with a
+            single batch); otherwise each product recomputes them batch by batch.
+
+    Attributes:
+        shape: ``(n, n)``.
+        hvp_count: Hessian-vector products made so far (a block of k counts k).
+        loss, grad: at ``theta`` (computed while building the graph).
+    """
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None, *, keep_graphs: bool | None = None) -> None:
+        if not isinstance(objective, Objective):
+            raise InvalidInputError(f"objective must be a saddlescope Objective, got {type(objective).__name__}")
+        theta = objective.theta0 if theta is None else objective.check_theta(theta)
+        self.objective = objective
+        self.theta = theta
+        self._graph: GradientGraph = objective.gradient_graph(theta, keep_graphs=keep_graphs)
+        n = objective.n_params
+        self.shape = (n, n)
+        self.dtype = objective.dtype
+        self.device = objective.device
+
+    @property
+    def hvp_count(self) -> int:
+        return self._graph.hvp_count
+
+    @property
+    def loss(self) -> Tensor:
+        return self._graph.loss
+
+    @property
+    def grad(self) -> Tensor:
+        return self._graph.grad
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        return self._graph.hvp_batch(vs.T.contiguous()).T
+
+    def __repr__(self) -> str:
+        return f"HessianOperator(n={self.shape[0]}, dtype={self.dtype}, device={self.device}, hvp_count={self.hvp_count})"
+
+
+class DenseOperator(_Operator):
+    """A symmetric matrix held in memory, as an operator (tests, planted spectra, small blocks)."""
+
+    def __init__(self, matrix: Tensor, *, check_symmetric: bool = True) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise InvalidInputError(f"need a square matrix, got shape {tuple(matrix.shape)}")
+        if check_symmetric:
+            scale = float(matrix.abs().max()) or 1.0
+            if float((matrix - matrix.T).abs().max()) > 1e3 * torch.finfo(matrix.dtype).eps * scale:
+                raise InvalidInputError("the matrix is not symmetric; Hessian algorithms need a symmetric operator")
+        self.matrix = matrix
+        self.shape = (matrix.shape[0], matrix.shape[1])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.hvp_count = 0
+
+    def _matmat(self, vs: Tensor) -> Tensor:
+        self.hvp_count += vs.shape[1]
+        return self.matrix @ vs

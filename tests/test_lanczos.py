@@ -1,0 +1,125 @@
+"""HessianOperator and Lanczos eigs against torch.linalg.eigh: planted spectra and exact Hessians."""
+
+import pytest
+import torch
+from torch import nn
+
+import saddlescope as ss
+from saddlescope import errors
+
+
+def planted(eigenvalues, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    return ss.DenseOperator(0.5 * (a + a.T))
+
+
+def expected(values, k, which):
+    s = torch.sort(torch.as_tensor(values, dtype=torch.float64)).values
+    return {"largest": s[-k:], "smallest": s[:k], "both": torch.cat([s[:k], s[-k:]])}[which]
+
+
+SPECTRA = {
+    "outliers": torch.cat([torch.tensor([50.0, 20.0, -30.0]), torch.linspace(-1, 1, 197)]),
+    "bulk of both signs": torch.linspace(-2, 1, 200),
+    "repeated": torch.cat([torch.full((4,), 3.0), torch.full((3,), -2.0), torch.linspace(-1, 1, 193)]),
+    "zero block": torch.cat([torch.zeros(80), torch.linspace(0.5, 2, 120)]),
+    "tiny negative under a positive bulk": torch.cat([torch.tensor([-1e-4]), torch.linspace(1e-3, 1.0, 199)]),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_planted_spectra(name, which):
+    values = SPECTRA[name].double()
+    op = planted(values)
+    res = ss.eigs(op, k=3, which=which, tol=1e-9)
+    scale = float(values.abs().max())
+    assert res.all_converged
+    assert float((res.eigenvalues - expected(values, 3, which)).abs().max()) <= 1e-8 * scale
+    # Reported residuals are true ones: recompute them here.
+    true = (op.matrix @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(true, res.residuals, atol=1e-12 * scale)
+    assert bool((res.residuals <= 1e-9 * res.spectral_norm).all())
+    assert res.hvp_count == op.hvp_count
+
+
+def test_tiny_negative_eigenvalue_is_found_with_its_sign():
+    values = SPECTRA["tiny negative under a positive bulk"].double()
+    res = ss.eigs(planted(values), k=1, which="smallest", tol=1e-10)
+    assert res.eigenvalues[0] == pytest.approx(-1e-4, rel=1e-6)
+
+
+def small_net(dtype):
+    torch.manual_seed(0)
+    model = ss.problems.mlp((6, 10, 4), "tanh").to(dtype)
+    x, y = torch.randn(50, 6, dtype=dtype), torch.randint(0, 4, (50,))
+    return ss.Objective.from_model(model, nn.functional.cross_entropy, [(x[:20], y[:20]), (x[20:], y[20:])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hessian_operator_matches_the_exact_hessian(dtype):
+    obj = small_net(dtype)
+    theta = obj.theta0
+    hess = obj.hessian(theta).double()
+    op = ss.HessianOperator(obj, theta)
+    v = torch.randn(obj.n_params, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose((op @ v).double(), hess @ v.double(), atol=tol * float(hess.abs().max()) * 10)
+    vs = torch.randn(obj.n_params, 3, dtype=dtype)
+    assert torch.allclose(op.matmat(vs).double(), hess @ vs.double(), atol=tol * float(hess.abs().max()) * 10)
+    assert op.hvp_count == 4
+    assert op.shape == (obj.n_params, obj.n_params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eigs_on_an_exact_hessian_both_ends(dtype):
+    obj = small_net(dtype)
+    exact = torch.linalg.eigvalsh(obj.hessian(obj.theta0).double())
+    op = ss.HessianOperator(obj)
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    res = ss.eigs(op, k=4, which="both", tol=tol)
+    scale = float(exact.abs().max())
+    assert float((res.eigenvalues - expected(exact, 4, "both")).abs().max()) <= 10 * tol * scale
+    assert res.eigenvalues[0] < 0  # this net's Hessian is indefinite at init
+
+
+def test_reproducible_with_a_seed():
+    op = planted(SPECTRA["bulk of both signs"].double())
+    a = ss.eigs(op, k=2, which="both", seed=3, tol=1e-6)
+    b = ss.eigs(op, k=2, which="both", seed=3, tol=1e-6)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.hvp_count == b.hvp_count
+
+
+def test_scipy_adapter_agrees():
+    from scipy.sparse.linalg import eigsh
+
+    obj = small_net(torch.float64)
+    op = ss.HessianOperator(obj)
+    top = eigsh(op.to_scipy(), k=2, which="LA", tol=1e-10)[0]
+    exact = torch.linalg.eigvalsh(obj.hessian(obj.theta0))
+    assert sorted(top) == pytest.approx(exact[-2:].tolist(), rel=1e-8)
+
+
+def test_budget_exhaustion_is_reported_not_hidden():
+    op = planted(SPECTRA["tiny negative under a positive bulk"].double())
+    res = ss.eigs(op, k=1, which="smallest", tol=1e-12, max_hvps=15, krylov_dim=10)
+    assert not res.all_converged
+    assert res.hvp_count <= 15 + 1
+
+
+def test_bad_input():
+    op = planted(torch.linspace(-1, 1, 10))
+    with pytest.raises(errors.InvalidInputError, match="do not fit"):
+        ss.eigs(op, k=11)
+    with pytest.raises(errors.InvalidInputError, match="do not fit"):
+        ss.eigs(op, k=6, which="both")
+    with pytest.raises(errors.InvalidInputError, match="which"):
+        ss.eigs(op, k=1, which="middle")
+    with pytest.raises(errors.InvalidInputError, match="not symmetric"):
+        ss.DenseOperator(torch.triu(torch.ones(4, 4, dtype=torch.float64)))
+    obj = ss.Objective.from_function(lambda th: (th**2).sum() * torch.sqrt(th[0]), [1.0, 2.0])
+    with pytest.raises(errors.NonFiniteLossError):
+        ss.HessianOperator(obj, torch.tensor([-1.0, 2.0], dtype=torch.float64))
