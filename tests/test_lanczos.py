@@ -123,3 +123,14 @@ def test_bad_input():
     obj = ss.Objective.from_function(lambda th: (th**2).sum() * torch.sqrt(th[0]), [1.0, 2.0])
     with pytest.raises(errors.NonFiniteLossError):
         ss.HessianOperator(obj, torch.tensor([-1.0, 2.0], dtype=torch.float64))
+
+
+def test_loose_tolerance_never_returns_a_positive_value_for_a_negative_bottom():
+    # Regression: with tol relative to ||A|| a tiny residual after a few steps was accepted for a
+    # Ritz value of the wrong sign (misconvergence). The bottom here is -2e-3 under a bulk in [0, 1].
+    gen = torch.Generator().manual_seed(1)
+    bulk = torch.rand(399, generator=gen, dtype=torch.float64) ** 4
+    values = torch.cat([torch.tensor([-2e-3], dtype=torch.float64), bulk])
+    for seed in range(5):
+        res = ss.eigs(planted(values, seed=seed), k=1, which="smallest", tol=1e-3, seed=seed)
+        assert res.eigenvalues[0] < 0, seed

@@ -133,6 +133,7 @@ def eigs(
         raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
     device = op.device
     products = 0
+    min_dim = min(n, m_max, max(2 * want + 1, 20))  # ARPACK's default ncv
 
     def apply(block: Tensor) -> Tensor:
         nonlocal products
@@ -156,8 +157,8 @@ def eigs(
     gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
 
     while True:
-        # Extend the basis to m_max columns (or stop at an invariant subspace).
-        while j < m_max and products < budget:
+        # One Lanczos step: extend the basis by A v_j, orthogonalised twice against all of it.
+        if j < m_max and products < budget:
             w = apply(basis[:, j : j + 1])[:, 0]
             coeffs = basis[:, : j + 1].T @ w
             w = w - basis[:, : j + 1] @ coeffs
@@ -168,48 +169,49 @@ def eigs(
             proj[j, : j + 1] = coeffs
             beta = float(w.norm())
             j += 1
-            scale = max(norm_est, float(coeffs.abs().max()))
-            if beta <= 1e-12 * max(scale, 1e-300):
-                # Invariant subspace: the Ritz values are exact. Continue with a fresh random
-                # direction orthogonal to the basis, decoupled from it (T stays block diagonal).
-                if j >= n:
-                    basis[:, j] = 0
-                    break
+            norm_est = max(norm_est, float(coeffs.abs().max()))
+            coupling_zero = beta <= 1e-12 * max(norm_est, 1e-300)
+            if j < n and coupling_zero:
+                # Invariant subspace: its Ritz values are exact. Go on from a fresh random direction
+                # orthogonal to the basis, decoupled from it (T stays block diagonal).
                 fresh = torch.randn(n, generator=gen_restart, dtype=dtype).to(device)
                 for _ in range(2):
                     fresh = fresh - basis[:, :j] @ (basis[:, :j].T @ fresh)
                 basis[:, j] = fresh / fresh.norm()
-                coupling_zero = True
-            else:
+            elif j < n:
                 basis[:, j] = w / beta
-                coupling_zero = False
-            norm_est = max(norm_est, scale)
-        # Rayleigh-Ritz on the current basis.
+        if j < min_dim and products < budget:
+            # Too small a Krylov space: a Ritz pair can have a tiny residual and still not be the
+            # extreme one (misconvergence), so convergence is not even checked before min_dim.
+            continue
+        # Rayleigh-Ritz on the current basis (cheap next to a product: T is small).
         t = proj[:j, :j]
         ritz, s = torch.linalg.eigh(0.5 * (t + t.T))
         norm_est = max(norm_est, float(ritz.abs().max()))
-        # r_j = A v_{j-1} - V T e_{j-1}: its norm is beta of the last step (0 at an invariant subspace).
+        # A V_j = V_j T_j + beta v_{j+1} e_j^T, so ||A y - theta y|| = beta |s_j| for y = V_j s.
         last_beta = 0.0 if (coupling_zero or j >= n) else beta
         est = (last_beta * s[j - 1, :]).abs()
         idx = _wanted(ritz, k, which)
         converged = est[idx] <= tol * norm_est
         if bool(converged.all()) or products >= budget or j >= n:
             break
-        # Thick restart: keep the wanted pairs plus a margin of their neighbours.
+        if j < m_max:
+            continue
+        # Thick restart: keep the wanted pairs plus as many neighbours, up to half the basis.
         n_keep = min(j - 1, m_max - 2, idx.numel() + max(idx.numel(), (m_max - idx.numel()) // 2))
         keep = _wanted(ritz, n_keep // 2 if which == "both" else n_keep, which)
         kept = keep.numel()
-        new_basis = basis[:, :j] @ s[:, keep]
         coupling = last_beta * s[j - 1, keep]
-        basis[:, :kept] = new_basis
+        new_basis = basis[:, :j] @ s[:, keep]
         basis[:, kept] = basis[:, j]
+        basis[:, :kept] = new_basis
         proj.zero_()
         proj[:kept, :kept] = torch.diag(ritz[keep])
         proj[kept, :kept] = coupling
         proj[:kept, kept] = coupling
         j = kept
         restarts += 1
-        # The next extension step recomputes column `kept` of T in full from A v_kept.
+        # The next step recomputes column `kept` of T in full from A v_kept.
 
     idx = _wanted(ritz, k, which)
     values = ritz[idx]
