@@ -83,7 +83,7 @@ def cases_for(dtype: torch.dtype) -> dict:
 
 def main() -> None:
     payload: dict = {"environment": environment(), "results": {}}
-    parts = [f"# HVP engines: one product at fixed theta, digits MLP 64-32-10 (2,410 params, 1,797 samples)\n",
+    parts = ["# HVP engines: one product at fixed theta, digits MLP 64-32-10 (2,410 params, 1,797 samples)\n",
              f"Environment: {environment()}\n"]
     for dtype in (torch.float32, torch.float64):
         times = interleaved(cases_for(dtype), rounds=30, warmup=3)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saddlescope.curvature.exact import Spectrum, exact_spectrum
+from saddlescope.curvature.exact import exact_spectrum
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
 

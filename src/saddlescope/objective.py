@@ -21,7 +21,6 @@ gradients; the reused graph costs about one and a half.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -572,8 +571,3 @@ def _materialise(data: Any, cast: Callable[[Any], Any]) -> list[Batch] | None:
     if not batches:
         raise EmptyDataError("the data yielded no non-empty batch; pass at least one sample")
     return batches
-
-
-def flat_size(shapes: Iterable[torch.Size]) -> int:
-    """Number of entries in tensors of the given shapes."""
-    return sum(math.prod(s) for s in shapes)

@@ -151,7 +151,7 @@ def eigs(
     basis[:, 0] = v / v.norm()
     j, kept, restarts = 0, 0, 0
     beta, coupling_zero = 0.0, False
-    ritz = vecs = None
+    ritz = None
     norm_est = 0.0
     converged = torch.zeros(0, dtype=torch.bool)
     gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -214,7 +214,6 @@ def eigs(
         # The next step recomputes column `kept` of T in full from A v_kept.
 
     idx = _wanted(ritz, k, which)
-    values = ritz[idx]
     vectors = basis[:, :j] @ s[:, idx]
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
     confirm = apply(vectors)  # true residuals: Lanczos's estimate can be optimistic in floating point
