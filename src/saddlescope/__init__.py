@@ -8,7 +8,20 @@
 
 from saddlescope import errors, problems
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
-from saddlescope.curvature import DenseOperator, EigenResult, HessianOperator, Spectrum, eigs, exact_spectrum
+from saddlescope.curvature import (
+    DenseOperator,
+    EigenResult,
+    HessianOperator,
+    IndexEstimate,
+    SpectralDensity,
+    Spectrum,
+    TraceEstimate,
+    eigs,
+    exact_spectrum,
+    index_estimate,
+    spectral_density,
+    trace,
+)
 from saddlescope.escape import EscapeStep, escape
 from saddlescope.objective import GradientGraph, Objective
 
@@ -19,6 +32,9 @@ __all__ = [
     "DenseOperator",
     "EigenResult",
     "HessianOperator",
+    "IndexEstimate",
+    "SpectralDensity",
+    "TraceEstimate",
     "EscapeStep",
     "GradientGraph",
     "Objective",
@@ -30,5 +46,8 @@ __all__ = [
     "errors",
     "escape",
     "exact_spectrum",
+    "index_estimate",
     "problems",
+    "spectral_density",
+    "trace",
 ]

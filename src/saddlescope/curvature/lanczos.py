@@ -45,6 +45,7 @@ class EigenResult:
         hvp_count: operator products spent, including the confirmation.
         restarts: thick restarts made.
         which, tol: what was asked.
+        stopped_early: the run stopped at ``stop_below`` before converging.
     """
 
     eigenvalues: Tensor
@@ -56,6 +57,7 @@ class EigenResult:
     restarts: int
     which: str
     tol: float
+    stopped_early: bool = False
 
     @property
     def all_converged(self) -> bool:
@@ -71,10 +73,41 @@ class EigenResult:
             "restarts": self.restarts,
             "which": self.which,
             "tol": self.tol,
+            "stopped_early": self.stopped_early,
         }
         if vectors:
             out["eigenvectors"] = self.eigenvectors.T.tolist()
         return out
+
+
+def lanczos_step(apply: Any, basis: Tensor, proj: Tensor, j: int) -> float:
+    """Extend a Lanczos basis by one vector (the package's one Lanczos step).
+
+    ``basis[:, :j+1]`` is orthonormal; computes ``w = A basis[:, j]``, orthogonalises it twice against
+    all of ``basis[:, :j+1]`` ("twice is enough", full reorthogonalisation), stores the projections in
+    column/row ``j`` of ``proj`` (so ``proj[:j+1, :j+1] = V^T A V``) and the normalised remainder in
+    ``basis[:, j+1]`` when there is room. Returns the remainder's norm (beta).
+    """
+    w = apply(basis[:, j : j + 1])[:, 0]
+    coeffs = basis[:, : j + 1].T @ w
+    w = w - basis[:, : j + 1] @ coeffs
+    again = basis[:, : j + 1].T @ w
+    w = w - basis[:, : j + 1] @ again
+    coeffs = coeffs + again
+    proj[: j + 1, j] = coeffs
+    proj[j, : j + 1] = coeffs
+    beta = float(w.norm())
+    if j + 1 < basis.shape[1] and beta > 0:
+        basis[:, j + 1] = w / beta
+    return beta
+
+
+def _fresh_direction(basis: Tensor, gen: torch.Generator) -> Tensor:
+    """A random unit vector orthogonal to the columns of ``basis``."""
+    fresh = torch.randn(basis.shape[0], generator=gen, dtype=basis.dtype).to(basis.device)
+    for _ in range(2):
+        fresh = fresh - basis @ (basis.T @ fresh)
+    return fresh / fresh.norm()
 
 
 def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
@@ -100,6 +133,7 @@ def eigs(
     seed: int = 0,
     v0: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    stop_below: float | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -116,6 +150,9 @@ def eigs(
         seed: for the starting vector.
         v0: starting vector instead of a random one.
         dtype: precision of the recurrence, basis and projected eigenproblem.
+        stop_below: stop as soon as the smallest Ritz value is below this (a Ritz value is a Rayleigh
+            quotient, so a negative one certifies negative curvature without convergence); the
+            result's ``stopped_early`` says so and its Rayleigh quotients are recomputed exactly.
     """
     if which not in WHICH:
         raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
@@ -152,6 +189,7 @@ def eigs(
     j, kept, restarts = 0, 0, 0
     beta, coupling_zero = 0.0, False
     ritz = None
+    stopped_early = False
     norm_est = 0.0
     converged = torch.zeros(0, dtype=torch.bool)
     gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -159,28 +197,16 @@ def eigs(
     while True:
         # One Lanczos step: extend the basis by A v_j, orthogonalised twice against all of it.
         if j < m_max and products < budget:
-            w = apply(basis[:, j : j + 1])[:, 0]
-            coeffs = basis[:, : j + 1].T @ w
-            w = w - basis[:, : j + 1] @ coeffs
-            again = basis[:, : j + 1].T @ w  # twice is enough
-            w = w - basis[:, : j + 1] @ again
-            coeffs = coeffs + again
-            proj[: j + 1, j] = coeffs
-            proj[j, : j + 1] = coeffs
-            beta = float(w.norm())
+            beta = lanczos_step(apply, basis, proj, j)
             j += 1
-            norm_est = max(norm_est, float(coeffs.abs().max()))
+            norm_est = max(norm_est, float(proj[:j, j - 1].abs().max()))
             coupling_zero = beta <= 1e-12 * max(norm_est, 1e-300)
             if j < n and coupling_zero:
                 # Invariant subspace: its Ritz values are exact. Go on from a fresh random direction
                 # orthogonal to the basis, decoupled from it (T stays block diagonal).
-                fresh = torch.randn(n, generator=gen_restart, dtype=dtype).to(device)
-                for _ in range(2):
-                    fresh = fresh - basis[:, :j] @ (basis[:, :j].T @ fresh)
-                basis[:, j] = fresh / fresh.norm()
-            elif j < n:
-                basis[:, j] = w / beta
-        if j < min_dim and products < budget:
+                basis[:, j] = _fresh_direction(basis[:, :j], gen_restart)
+        small = j < min_dim and products < budget
+        if small and stop_below is None:
             # Too small a Krylov space: a Ritz pair can have a tiny residual and still not be the
             # extreme one (misconvergence), so convergence is not even checked before min_dim.
             continue
@@ -188,6 +214,11 @@ def eigs(
         t = proj[:j, :j]
         ritz, s = torch.linalg.eigh(0.5 * (t + t.T))
         norm_est = max(norm_est, float(ritz.abs().max()))
+        if stop_below is not None and float(ritz[0]) < stop_below:
+            stopped_early = True  # a certificate needs no convergence, at any Krylov size
+            break
+        if small:
+            continue
         # A V_j = V_j T_j + beta v_{j+1} e_j^T, so ||A y - theta y|| = beta |s_j| for y = V_j s.
         last_beta = 0.0 if (coupling_zero or j >= n) else beta
         est = (last_beta * s[j - 1, :]).abs()
@@ -231,4 +262,5 @@ def eigs(
         restarts=restarts,
         which=which,
         tol=tol,
+        stopped_early=stopped_early,
     )

@@ -1,0 +1,104 @@
+"""Spectral density, trace and index estimates against exact spectra (planted and from eigh)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import saddlescope as ss
+from saddlescope import errors
+from saddlescope.curvature import lanczos_quadrature
+
+
+def planted(values, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(values)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.as_tensor(values, dtype=torch.float64)) @ q.T
+    return ss.DenseOperator(0.5 * (a + a.T))
+
+
+BULK = torch.cat([torch.linspace(-1.0, -0.2, 120), torch.linspace(0.3, 2.0, 280)]).double()
+
+
+def test_quadrature_is_exact_for_low_degree_polynomials():
+    # Gauss quadrature with m nodes integrates polynomials of degree < 2m exactly: the probe means of
+    # the moments of the nodes are unbiased estimates of tr(A^p)/n.
+    op = planted(BULK)
+    quad = lanczos_quadrature(op, n_probes=30, steps=10, seed=1)
+    assert torch.allclose(quad.weights.sum(1), torch.ones(30, dtype=torch.float64))
+    for power in (1, 2, 3):
+        estimate = float(quad.per_probe(lambda x, p=power: x**p).mean())
+        exact = float((BULK**power).mean())
+        assert estimate == pytest.approx(exact, abs=0.05 * float((BULK.abs() ** power).mean()))
+
+
+def test_density_integrates_to_one_and_brackets_the_spectrum():
+    sd = ss.spectral_density(planted(BULK), n_probes=4, steps=60, seed=0)
+    assert float(torch.trapz(sd.density, sd.grid)) == pytest.approx(1.0, abs=1e-6)
+    # Extreme Ritz values converge first: the density's support reaches the true extremes.
+    assert sd.lambda_min == pytest.approx(-1.0, abs=1e-4) and sd.lambda_max == pytest.approx(2.0, abs=1e-4)
+    # Mass on each side of the gap at (-0.2, 0.3) matches the planted counts.
+    left = float(torch.trapz(sd.density[sd.grid < 0.05], sd.grid[sd.grid < 0.05]))
+    assert left == pytest.approx(120 / 400, abs=0.03)
+    assert sd.hvp_count == 4 * 60
+
+
+def test_index_estimate_on_a_planted_spectrum_with_a_gap():
+    est = ss.index_estimate(planted(BULK), delta=0.05, n_probes=20, steps=60, seed=0)
+    assert est.within == pytest.approx(0.0, abs=1e-6)  # nothing planted within +-0.05
+    assert abs(est.value - 0.3) <= est.error and est.error < 0.05
+    assert abs(est.min_ratio - 0.7) <= est.min_ratio_error
+
+
+def test_index_error_bars_cover_the_exact_fraction_on_a_network():
+    torch.manual_seed(0)
+    model = ss.problems.mlp((8, 16, 4), "tanh").double()
+    x, y = torch.randn(200, 8, dtype=torch.float64), torch.randint(0, 4, (200,))
+    obj = ss.Objective.from_model(model, nn.functional.cross_entropy, (x, y))
+    exact = torch.linalg.eigvalsh(obj.hessian(obj.theta0))
+    op = ss.HessianOperator(obj)
+    quad = lanczos_quadrature(op, n_probes=10, steps=60, seed=2)
+    for delta in (0.0, 1e-3, 1e-2, None):
+        est = ss.index_estimate(op, delta=delta, quadrature=quad)
+        below = float((exact < -est.delta).double().mean())
+        above = float((exact > est.delta).double().mean())
+        assert abs(est.value - below) <= est.error, (delta, est.value, below, est.error)
+        assert abs(est.min_ratio - above) <= est.min_ratio_error, (delta, est.min_ratio, above)
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_trace_interval_covers_the_truth(method):
+    values = torch.cat([torch.tensor([40.0, 25.0, 10.0]), torch.linspace(-0.5, 1.0, 297)]).double()
+    exact = float(values.sum())
+    covered = 0
+    for seed in range(20):
+        est = ss.trace(planted(values), 60, method=method, seed=seed)
+        covered += est.low <= exact <= est.high
+        assert est.hvp_count == 60
+    # nominal 95%; zT A z is skewed by the outliers, so the normal interval is a little optimistic
+    assert covered >= 15
+
+
+def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
+    values = torch.tensor([100.0 / (i + 1) ** 2 for i in range(300)], dtype=torch.float64)
+    exact = float(values.sum())
+    errs = {m: sum(abs(ss.trace(planted(values), 60, method=m, seed=s).value - exact) for s in range(10))
+            for m in ("hutch++", "hutchinson")}
+    assert errs["hutch++"] < 0.5 * errs["hutchinson"]
+
+
+def test_estimators_are_reproducible_and_check_input():
+    op = planted(BULK)
+    a, b = ss.index_estimate(op, seed=4, n_probes=3, steps=20), ss.index_estimate(op, seed=4, n_probes=3, steps=20)
+    assert a.value == b.value and a.min_ratio == b.min_ratio
+    with pytest.raises(errors.InvalidInputError):
+        ss.trace(op, 3)
+    with pytest.raises(errors.InvalidInputError):
+        ss.trace(op, 30, method="exact")
+    with pytest.raises(errors.InvalidInputError):
+        ss.spectral_density(op, n_probes=0)
+    with pytest.raises(errors.InvalidInputError):
+        ss.index_estimate(op, delta=-1.0, n_probes=2, steps=5)
+    assert math.isfinite(ss.trace(op, 6).value)
