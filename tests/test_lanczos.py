@@ -134,3 +134,14 @@ def test_loose_tolerance_never_returns_a_positive_value_for_a_negative_bottom():
     for seed in range(5):
         res = ss.eigs(planted(values, seed=seed), k=1, which="smallest", tol=1e-3, seed=seed)
         assert res.eigenvalues[0] < 0, seed
+
+
+def test_stop_below_returns_a_confirmed_negative_rayleigh_quotient_early():
+    values = torch.cat([torch.tensor([-0.5]), torch.linspace(0.01, 1.0, 299)]).double()
+    op = planted(values)
+    full = ss.eigs(op, k=1, which="smallest", tol=1e-10)
+    early = ss.eigs(planted(values), k=1, which="smallest", tol=1e-10, stop_below=-1e-3)
+    assert early.stopped_early and early.hvp_count < full.hvp_count
+    v = early.eigenvectors[:, 0]
+    assert float(v @ (op.matrix @ v)) < -1e-3  # a certificate, checked here without our code
+    assert early.eigenvalues[0] == pytest.approx(float(v @ (op.matrix @ v)), rel=1e-12)
