@@ -4,20 +4,12 @@ import math
 
 import pytest
 import torch
+from spectra import planted
 from torch import nn
 
 import saddlescope as ss
 from saddlescope import errors
 from saddlescope.curvature import lanczos_quadrature
-
-
-def planted(values, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n = len(values)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    a = q @ torch.diag(torch.as_tensor(values, dtype=torch.float64)) @ q.T
-    return ss.DenseOperator(0.5 * (a + a.T))
-
 
 BULK = torch.cat([torch.linspace(-1.0, -0.2, 120), torch.linspace(0.3, 2.0, 280)]).double()
 

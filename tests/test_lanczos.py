@@ -2,18 +2,11 @@
 
 import pytest
 import torch
+from spectra import planted
 from torch import nn
 
 import saddlescope as ss
 from saddlescope import errors
-
-
-def planted(eigenvalues, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    a = q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
-    return ss.DenseOperator(0.5 * (a + a.T))
 
 
 def expected(values, k, which):

@@ -330,7 +330,7 @@ def analyze(
         reason = f"{n_zero} zero eigenvalues and probing is off: the second-order test is inconclusive"
     else:
         probe_result = probe_null_space(
-            objective, theta, float(loss), vals, vecs, threshold, radii,
+            objective, theta, float(loss), vals, vecs, threshold, radii, grad=grad,
             n_random=n_random_probes, max_directions=max_probe_directions, seed=seed,
         )
         kind, reason = _probe_verdict(probe_result, n_neg, n_pos)
@@ -407,6 +407,7 @@ def probe_null_space(
     threshold: float,
     radii: tuple[float, ...],
     *,
+    grad: Tensor | None = None,
     n_random: int = 16,
     max_directions: int = 64,
     newton_steps: int = 40,
@@ -416,7 +417,8 @@ def probe_null_space(
 
     Looking for a decrease (is it a minimum?) the loss is minimised over the positive-curvature
     subspace at each probe point; looking for an increase (a maximum?) it is maximised over the
-    negative-curvature subspace. Only tests that can change the verdict are run.
+    negative-curvature subspace. Only tests that can change the verdict are run. ``grad`` is the
+    gradient at ``theta`` if the caller has it.
     """
     null = eigenvalues.abs() <= threshold
     null_vecs = eigenvectors[:, null]
@@ -436,7 +438,8 @@ def probe_null_space(
     eps = torch.finfo(objective.dtype).eps
     scale = float(eigenvalues.abs().max())
     state = {"evals": 0}
-    grad = objective.grad(theta)
+    if grad is None:
+        grad = objective.grad(theta)
 
     def search(sign: float) -> tuple[bool, float, Tensor | None, bool]:
         """Look for a significant fall of ``sign * loss`` beyond first order. Returns
@@ -447,16 +450,16 @@ def probe_null_space(
         # gradient is small but not zero), and the reduced function's first-order term is taken
         # out: the probe asks about the higher-order shape, not about a gradient already judged
         # negligible (|grad| <= grad_tol).
-        origin, origin_disp = _reduced(objective, theta, torch.zeros_like(theta), basis, curv, sign,
-                                       newton_steps, state)
+        origin, _, landed_grad = _reduced(objective, theta, torch.zeros_like(theta), basis, curv, sign,
+                                          newton_steps, state)
         # The reduced function's slope at t = 0 is the gradient where the reduction landed.
-        slope_grad = objective.grad(theta + origin_disp) if basis.shape[1] else grad
+        slope_grad = grad if landed_grad is None else landed_grad
         best, best_dir, all_flat = 0.0, None, True
         for d in directions:
             for s in (1.0, -1.0):
                 for r in radii:
-                    value, disp = _reduced(objective, theta, s * r * d, basis, curv, sign,
-                                           newton_steps, state)
+                    value, disp, _ = _reduced(objective, theta, s * r * d, basis, curv, sign,
+                                              newton_steps, state)
                     linear = sign * s * r * float(slope_grad @ d)
                     change = value - origin - linear  # change of sign * loss beyond first order
                     # The decision uses the loss's own rounding only: any allowance beyond it would
@@ -503,34 +506,36 @@ def _reduced(
     sign: float,
     newton_steps: int,
     state: dict[str, int],
-) -> tuple[float, Tensor]:
+) -> tuple[float, Tensor, Tensor | None]:
     """``min_w sign * L(theta + step + basis @ w)`` by Newton steps with the fixed curvatures.
 
     Only steps that lower the value are taken, so the result is always a real evaluated point.
-    Returns the value and the displacement from ``theta``.
+    Returns the value, the displacement from ``theta`` and the gradient there (None when there is
+    no subspace to minimise over and so no gradient was needed).
     """
     disp = step.clone()
-    value = sign * float(objective.loss(theta + disp))
-    state["evals"] += 1
     if basis.shape[1] == 0:
-        return value, disp
+        state["evals"] += 1
+        return sign * float(objective.loss(theta + disp)), disp, None
+    loss, grad = objective.loss_and_grad(theta + disp)
+    value = sign * float(loss)
+    state["evals"] += 1
     eps = torch.finfo(objective.dtype).eps
     # Newton with the curvature at theta converges linearly at a rate O(|step|); it must run to
     # rounding level, since a reduction stopped early overestimates the value and hides decreases.
     for _ in range(newton_steps):
-        _, grad = objective.loss_and_grad(theta + disp)
-        state["evals"] += 1
         move = -(basis @ ((sign * (basis.T @ grad)) / curvature))
         if float(move.norm()) <= eps * (1.0 + float((theta + disp).norm())):
             break
         improved = False
         for _ in range(6):
-            trial = sign * float(objective.loss(theta + disp + move))
+            trial_loss, trial_grad = objective.loss_and_grad(theta + disp + move)
             state["evals"] += 1
+            trial = sign * float(trial_loss)
             if trial < value:
-                disp, value, improved = disp + move, trial, True
+                disp, value, grad, improved = disp + move, trial, trial_grad, True
                 break
             move = 0.5 * move
         if not improved:
             break
-    return value, disp
+    return value, disp, grad

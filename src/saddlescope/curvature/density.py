@@ -84,10 +84,11 @@ def lanczos_quadrature(
         basis = torch.zeros(n, steps + 1, dtype=dtype, device=op.device)
         proj = torch.zeros(steps, steps, dtype=dtype, device=op.device)
         basis[:, 0] = probes[:, p].to(op.device) / math.sqrt(n)
-        m = steps
+        m, scale = steps, 0.0
         for j in range(steps):
             beta = lanczos_step(apply, basis, proj, j)
-            if beta <= 1e-12 * float(proj[: j + 1, : j + 1].abs().max().clamp_min(1e-300)):
+            scale = max(scale, float(proj[: j + 1, j].abs().max()))
+            if beta <= 1e-12 * max(scale, 1e-300):
                 m = j + 1  # invariant subspace: the quadrature is exact with m nodes
                 break
         t = proj[:m, :m]

@@ -186,12 +186,11 @@ def eigs(
     basis = torch.zeros(n, m_max + 1, dtype=dtype, device=device)
     proj = torch.zeros(m_max, m_max, dtype=dtype, device=device)
     basis[:, 0] = v / v.norm()
-    j, kept, restarts = 0, 0, 0
+    j, restarts = 0, 0
     beta, coupling_zero = 0.0, False
     ritz = None
     stopped_early = False
     norm_est = 0.0
-    converged = torch.zeros(0, dtype=torch.bool)
     gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
 
     while True:
