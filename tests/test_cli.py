@@ -19,9 +19,18 @@ def test_analyze_a_builtin_problem_as_json():
     assert out["kind"] == "saddle" and out["eigenvalues"] == pytest.approx([-2, 2])
 
 
+def test_analyze_with_lanczos():
+    res = run("analyze", "--problem", "saddle-quadratic", "--method", "lanczos", "-k", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["method"] == "lanczos" and out["kind"] == "saddle" and out["hvp_count"] > 0
+    assert out["lanczos"]["top"]["eigenvalues"] == pytest.approx([10])  # 5x^2 - y^2: H = diag(10, -2)
+
+
 def test_errors_are_one_line_without_traceback():
     for args in (["analyze", "--problem", "nope"], ["analyze", "--problem", "seed-toy", "--theta", "1,2,3"],
-                 ["analyze", "--problem", "seed-toy", "--theta", "a,b"]):
+                 ["analyze", "--problem", "seed-toy", "--theta", "a,b"],
+                 ["analyze", "--problem", "seed-toy", "--method", "magic"]):
         res = run(*args)
         assert res.returncode == 2
         assert "Traceback" not in res.stderr

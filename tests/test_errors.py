@@ -80,7 +80,8 @@ def test_mismatched_batch_shapes():
 def test_exact_hessian_too_large_points_to_the_iterative_path():
     obj = ss.Objective.from_model(model(), nn.functional.cross_entropy, data())
     with pytest.raises(errors.TooLargeError, match="iterative"):
-        ss.analyze(obj, max_bytes=1000)
+        ss.analyze(obj, exact=True, max_bytes=1000)
+    assert ss.analyze(obj, max_bytes=1000, index_probes=1, index_steps=5).method == "lanczos"  # auto
 
 
 def test_escape_at_a_minimum():

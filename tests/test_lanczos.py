@@ -138,3 +138,29 @@ def test_stop_below_returns_a_confirmed_negative_rayleigh_quotient_early():
     v = early.eigenvectors[:, 0]
     assert float(v @ (op.matrix @ v)) < -1e-3  # a certificate, checked here without our code
     assert early.eigenvalues[0] == pytest.approx(float(v @ (op.matrix @ v)), rel=1e-12)
+
+
+def test_value_relative_tolerance_bounds_the_relative_error_of_a_small_eigenvalue():
+    # lambda_min = -1e-4 under a bulk up to 1: a tolerance relative to ||A|| leaves it coarse, one
+    # relative to |lambda| bounds its relative error (|lambda - theta| <= r <= tol |theta|).
+    values = SPECTRA["tiny negative under a positive bulk"].double()
+    coarse = ss.eigs(planted(values), k=1, which="smallest", tol=1e-3)
+    fine = ss.eigs(planted(values), k=1, which="smallest", tol=1e-3, relative_to="value")
+    assert fine.relative_to == "value" and fine.all_converged
+    assert float(fine.residuals[0]) <= 1e-3 * abs(float(fine.eigenvalues[0]))
+    assert abs(float(fine.eigenvalues[0]) + 1e-4) <= 1e-3 * 1e-4
+    assert abs(float(coarse.eigenvalues[0]) + 1e-4) > abs(float(fine.eigenvalues[0]) + 1e-4)
+
+
+def test_value_relative_tolerance_stops_at_its_floor_for_a_zero_eigenvalue():
+    values = SPECTRA["zero block"].double()
+    res = ss.eigs(planted(values), k=1, which="smallest", tol=1e-6, relative_to="value", atol=1e-8)
+    assert res.all_converged and res.atol == 1e-8
+    assert abs(float(res.eigenvalues[0])) <= 1e-8
+    calls = []
+    ss.eigs(planted(values), k=1, which="smallest", progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] <= calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    with pytest.raises(errors.InvalidInputError, match="relative_to"):
+        ss.eigs(planted(values), k=1, relative_to="spectral")
+    with pytest.raises(errors.InvalidInputError, match="atol"):
+        ss.eigs(planted(values), k=1, atol=-1.0)

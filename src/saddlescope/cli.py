@@ -62,6 +62,8 @@ def analyze(
     grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default by dtype)."),
     rtol: float = typer.Option(None, help="Eigenvalue is zero when |lambda| <= rtol*max|lambda| + atol."),
     atol: float = typer.Option(None, help="See rtol."),
+    method: str = typer.Option("auto", help="auto | exact | lanczos (auto: exact up to 4,096 parameters)."),
+    k: int = typer.Option(10, "-k", help="Lanczos: eigenpairs at each end of the spectrum."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
     """Classify a point of a built-in problem."""
@@ -82,7 +84,10 @@ def analyze(
             except ValueError:
                 raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
             point = torch.tensor(values, dtype=obj.dtype)
-        cp = analyze_point(obj, point, grad_tol=grad_tol, rtol=rtol, atol=atol)
+        methods = {"auto": None, "exact": True, "lanczos": False}
+        if method not in methods:
+            raise InvalidInputError(f"--method must be one of {', '.join(methods)}, got {method!r}")
+        cp = analyze_point(obj, point, k=k, exact=methods[method], grad_tol=grad_tol, rtol=rtol, atol=atol)
     except SaddlescopeError as exc:
         _fail(str(exc))
         return

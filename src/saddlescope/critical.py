@@ -37,10 +37,16 @@ import torch
 from torch import Tensor
 
 from saddlescope.curvature.exact import exact_spectrum
+from saddlescope.curvature.index import IndexEstimate, index_estimate
+from saddlescope.curvature.lanczos import eigs
+from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
 
-KINDS = ("minimum", "maximum", "saddle", "degenerate", "not_critical")
+KINDS = ("minimum", "maximum", "saddle", "degenerate", "inconclusive", "not_critical")
+
+# The automatic choice of analyze(exact=None): the full Hessian up to this many parameters.
+EXACT_MAX_PARAMS = 4096
 
 # (grad_tol, rtol, atol) by dtype. rtol sits orders of magnitude above the rounding error of an
 # autodiff Hessian and its eigendecomposition (about n * eps * max|lambda|), so a "negative"
@@ -52,6 +58,16 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float, float]] = {
     torch.bfloat16: (1e-2, 1e-2, 0.0),
 }
 DEFAULT_PROBE_RADII = (1e-3, 1e-2, 1e-1)
+
+# Eigensolver tolerance on the iterative path, by dtype: residuals relative to the spectral norm
+# (top) or to the eigenvalue itself (bottom), above the floor where products in that precision
+# stop improving.
+DEFAULT_EIG_TOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
 
 
 @dataclass(frozen=True)
@@ -122,21 +138,29 @@ class CriticalPoint:
     """The verdict at one point, with everything it was based on.
 
     Attributes:
-        kind: ``"minimum"``, ``"maximum"``, ``"saddle"``, ``"degenerate"`` or ``"not_critical"``.
+        kind: ``"minimum"``, ``"maximum"``, ``"saddle"``, ``"degenerate"`` (second-order test
+            inconclusive), ``"inconclusive"`` (iterative path: the eigensolver did not settle it) or
+            ``"not_critical"``.
         curvature_kind: what the eigenvalue test alone says (before probing; also set when
             the point is not critical: ``"saddle"`` there means negative curvature is present).
-        resolved_by: ``"gradient"`` (not critical), ``"eigenvalues"``, ``"probe"``, or
+        resolved_by: ``"gradient"`` (not critical), ``"eigenvalues"``, ``"certificate"`` (a confirmed
+            negative Rayleigh quotient stopped the iterative solver), ``"probe"``, or
             ``"unresolved"`` (degenerate and probing could not decide).
         reason: one sentence saying why.
         loss, grad_norm: at ``theta``.
         eigenvalues: ascending.
-        n_negative, n_zero, n_positive: counts under the zero threshold.
-        min_ratio: ``n_positive / n``; index: ``n_negative / n``.
+        n_negative, n_zero, n_positive: counts under the zero threshold (iterative path: rounded
+            from ``index_estimate``, whose "zero" band is its resolution ``delta``).
+        min_ratio: ``n_positive / n``; index: ``n_negative / n`` (iterative path: the estimate; NaN
+            when not estimated).
         escape_direction: unit vector of strictly negative curvature (the most negative eigenvector,
             signed to descend), or the probe's decreasing direction; None when there is none.
         escape_curvature: the Rayleigh quotient ``u^T H u`` of ``escape_direction`` (None for a probe
             direction, whose decrease is of higher order).
         top_direction: unit eigenvector of the largest eigenvalue.
+        method: ``"exact"`` or ``"lanczos"``; hvp_count: Hessian-vector products spent.
+        lanczos: iterative path: the top and bottom eigensolver runs (residuals, convergence).
+        index_estimate: iterative path: the :class:`IndexEstimate` behind ``index``/``min_ratio``.
     """
 
     kind: str
@@ -164,6 +188,8 @@ class CriticalPoint:
     seed: int = 0
     hvp_count: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    lanczos: dict[str, Any] | None = None
+    index_estimate: IndexEstimate | None = None
 
     @property
     def lambda_min(self) -> float:
@@ -207,6 +233,8 @@ class CriticalPoint:
             "seed": self.seed,
             "hvp_count": self.hvp_count,
             "seconds": dict(self.seconds),
+            "lanczos": self.lanczos,
+            "index_estimate": None if self.index_estimate is None else self.index_estimate.to_dict(),
             "eigenvalues": self.eigenvalues.tolist(),
         }
         if vectors:
@@ -221,12 +249,30 @@ class CriticalPoint:
         """A few human-readable lines."""
         lines = [
             f"verdict: {self.kind} ({self.reason})",
-            f"loss {self.loss:.6g}   |grad| {self.grad_norm:.3g}   n = {self.n_params}",
-            f"eigenvalues: min {self.lambda_min:.4g}, max {self.lambda_max:.4g}; "
-            f"{self.n_negative} negative, {self.n_zero} zero, {self.n_positive} positive "
-            f"(zero means |lambda| <= {self.tolerances.zero_threshold:.3g})",
-            f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}",
+            f"loss {self.loss:.6g}   |grad| {self.grad_norm:.3g}   n = {self.n_params}   "
+            f"method {self.method}, {self.hvp_count} HVPs",
         ]
+        est = self.index_estimate
+        if self.method == "exact":
+            lines.append(
+                f"eigenvalues: min {self.lambda_min:.4g}, max {self.lambda_max:.4g}; "
+                f"{self.n_negative} negative, {self.n_zero} zero, {self.n_positive} positive "
+                f"(zero means |lambda| <= {self.tolerances.zero_threshold:.3g})"
+            )
+            lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
+        else:
+            lines.append(
+                f"eigenvalues computed: {self.eigenvalues.numel()}, min {self.lambda_min:.4g}, max "
+                f"{self.lambda_max:.4g} (zero threshold {self.tolerances.zero_threshold:.3g})"
+            )
+            if est is not None:
+                lines.append(
+                    f"estimated at resolution {est.delta:.3g}: index {est.value:.3f} +- {est.error:.3f}, "
+                    f"min ratio {est.min_ratio:.3f} +- {est.min_ratio_error:.3f}, "
+                    f"unresolved {est.within:.3f}"
+                )
+            else:
+                lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
         return "\n".join(lines)
 
 
@@ -255,6 +301,8 @@ def analyze(
     objective: Objective,
     theta: Tensor | None = None,
     *,
+    k: int = 10,
+    exact: bool | None = None,
     grad_tol: float | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -264,21 +312,48 @@ def analyze(
     max_probe_directions: int = 64,
     seed: int = 0,
     max_bytes: int = DEFAULT_EXACT_BUDGET_BYTES,
+    exact_max_params: int = EXACT_MAX_PARAMS,
+    eig_tol: float | None = None,
+    max_hvps: int | None = None,
+    index_probes: int = 5,
+    index_steps: int = 60,
+    stop_at_certificate: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> CriticalPoint:
     """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
 
+    Two paths, recorded in ``cp.method``. ``"exact"``: the full Hessian and its whole spectrum
+    (degenerate points are probed). ``"lanczos"``: Hessian-vector products only; the extreme
+    eigenpairs at both ends by :func:`~saddlescope.curvature.lanczos.eigs`, a saddle proved by a
+    confirmed negative Rayleigh quotient, "minimum" only from a converged bottom pair whose residual
+    bound clears the zero threshold, otherwise ``"inconclusive"``; the index and minimum ratio come
+    from :func:`~saddlescope.curvature.index.index_estimate`.
+
     Args:
+        k: eigenpairs computed at each end of the spectrum on the iterative path.
+        exact: force the exact (True) or iterative (False) path; None picks exact when the model
+            has at most ``exact_max_params`` parameters and the Hessian fits ``max_bytes``.
         grad_tol, rtol, atol: tolerances; ``None`` takes the dtype's default
             (:data:`DEFAULT_TOLERANCES`).
-        probe: resolve degenerate points by probing the null space.
+        probe: resolve degenerate points by probing the null space (exact path).
         probe_radii: distances probed along each null direction (ascending).
         n_random_probes: random unit combinations of null directions probed besides the eigenvectors.
         max_probe_directions: probe at most this many null eigenvectors; with a larger null space
             only random combinations are probed and a "minimum" is never claimed from them.
-        seed: for the random probe directions.
+        seed: for the random probe directions and the Krylov starting vectors.
         max_bytes: memory budget for the exact Hessian.
-        progress: ``progress(done, total)`` while the Hessian is built.
+        exact_max_params: the size limit of the automatic choice.
+        eig_tol: iterative path: the top pairs converge to residual ``eig_tol * max|lambda|``, the
+            bottom pairs to ``eig_tol * |lambda|`` (relative accuracy, what a small lambda_min
+            needs) or a quarter of the zero threshold, whichever is larger. Default by dtype
+            (:data:`DEFAULT_EIG_TOL`).
+        max_hvps: product budget of each eigensolver run (default: the solver's).
+        index_probes, index_steps: stochastic Lanczos quadrature for the index estimate (0 probes
+            skips it: ``index``/``min_ratio`` are then NaN unless the verdict fixes them).
+        stop_at_certificate: iterative path: stop the bottom run at the first confirmed Rayleigh
+            quotient below the zero threshold (the saddle is proved; ``eigenvalues[0]`` is then that
+            quotient, an upper bound on lambda_min). False goes on to converge lambda_min from there.
+        progress: ``progress(done, total)`` while the Hessian is built or the solver runs.
 
     Returns:
         A :class:`CriticalPoint`.
@@ -294,7 +369,43 @@ def analyze(
     radii = tuple(sorted(float(r) for r in probe_radii))
     if not radii or radii[0] <= 0:
         raise InvalidInputError(f"probe_radii must be positive, got {probe_radii}")
+    if not (isinstance(k, int) and k >= 1):
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+    if exact not in (None, True, False):
+        raise InvalidInputError(f"exact must be True, False or None, got {exact!r}")
+    n = objective.n_params
+    if exact is None:
+        itemsize = torch.finfo(objective.dtype).bits // 8
+        exact = n <= exact_max_params and n * n * itemsize <= max_bytes
+    if exact:
+        return _analyze_exact(
+            objective, theta, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, probe=probe,
+            n_random_probes=n_random_probes, max_probe_directions=max_probe_directions, seed=seed,
+            max_bytes=max_bytes, progress=progress,
+        )
+    return _analyze_iterative(
+        objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
+        eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
+        stop_at_certificate=stop_at_certificate, progress=progress,
+    )
 
+
+def _analyze_exact(
+    objective: Objective,
+    theta: Tensor,
+    *,
+    grad_tol: float,
+    rtol: float,
+    atol: float,
+    radii: tuple[float, ...],
+    probe: bool,
+    n_random_probes: int,
+    max_probe_directions: int,
+    seed: int,
+    max_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> CriticalPoint:
+    """The exact path: the whole spectrum, then probing if degenerate."""
     start = time.perf_counter()
     loss, grad = objective.loss_and_grad(theta)
     grad_norm = float(grad.norm())
@@ -314,10 +425,7 @@ def analyze(
         escape_curv = float(vals[0])
 
     if grad_norm > grad_tol:
-        kind, resolved_by = "not_critical", "gradient"
-        reason = f"|grad| = {grad_norm:.3g} > grad_tol = {grad_tol:.3g}"
-        if n_neg:
-            reason += f"; negative curvature {float(vals[0]):.3g} is present"
+        kind, resolved_by, reason = _not_critical(grad_norm, grad_tol, float(vals[0]) if n_neg else None)
     elif curvature_kind != "degenerate":
         kind, resolved_by = curvature_kind, "eigenvalues"
         reason = {
@@ -366,6 +474,183 @@ def analyze(
         hvp_count=spectrum.hvp_count,
         seconds={**spectrum.seconds, "total": time.perf_counter() - start},
     )
+
+
+def _not_critical(grad_norm: float, grad_tol: float, negative: float | None) -> tuple[str, str, str]:
+    reason = f"|grad| = {grad_norm:.3g} > grad_tol = {grad_tol:.3g}"
+    if negative is not None:
+        reason += f"; negative curvature {negative:.3g} is present"
+    return "not_critical", "gradient", reason
+
+
+def _analyze_iterative(
+    objective: Objective,
+    theta: Tensor,
+    *,
+    k: int,
+    grad_tol: float,
+    rtol: float,
+    atol: float,
+    radii: tuple[float, ...],
+    seed: int,
+    eig_tol: float | None,
+    max_hvps: int | None,
+    index_probes: int,
+    index_steps: int,
+    stop_at_certificate: bool,
+    progress: Callable[[int, int], None] | None,
+) -> CriticalPoint:
+    r"""The iterative path.
+
+    With Ritz pairs :math:`(\theta_b, r_b)` at the bottom and :math:`(\theta_t, r_t)` at the top
+    (true residuals, one confirming product each): a Rayleigh quotient bounds the extreme
+    eigenvalues from inside, :math:`\lambda_{min} \le \theta_b` and :math:`\lambda_{max} \ge \theta_t`,
+    with no convergence needed — these are the certificates of negative and positive curvature.
+    A converged pair adds the residual bound from outside, :math:`\lambda_{min} \ge \theta_b - r_b`
+    (the eigenvalue nearest a Ritz value is within :math:`r_b` of it; that it is the *smallest*
+    eigenvalue is Lanczos's premise from a random start). Only the outside bounds can prove
+    "minimum", so an unconverged run never does.
+    """
+    if eig_tol is None:
+        eig_tol = DEFAULT_EIG_TOL.get(objective.dtype, DEFAULT_EIG_TOL[torch.float32])
+    if not (eig_tol > 0):
+        raise InvalidInputError(f"eig_tol must be positive, got {eig_tol}")
+    if index_probes < 0 or index_steps < 1:
+        raise InvalidInputError(f"need index_probes >= 0 and index_steps >= 1, got {index_probes}, {index_steps}")
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    op = HessianOperator(objective, theta)
+    loss, grad = op.loss, op.grad
+    grad_norm = float(grad.norm())
+    n = op.shape[0]
+    k_end = max(1, min(k, n // 2))
+
+    t0 = time.perf_counter()
+    top = eigs(op, k_end, "largest", tol=eig_tol, max_hvps=max_hvps, seed=seed, progress=progress)
+    seconds["top"] = time.perf_counter() - t0
+    scale = top.spectral_norm
+    threshold = rtol * scale + atol
+    t0 = time.perf_counter()
+    bottom_opts: dict[str, Any] = dict(
+        tol=eig_tol, relative_to="value", atol=0.25 * threshold, max_hvps=max_hvps, progress=progress,
+    )
+    bottom = eigs(op, k_end, "smallest", seed=seed + 1, stop_below=-threshold, **bottom_opts)
+    if bottom.stopped_early and not stop_at_certificate:
+        spent = bottom.hvp_count
+        bottom = eigs(op, k_end, "smallest", v0=bottom.eigenvectors[:, 0], **bottom_opts)
+        bottom.hvp_count += spent
+    seconds["bottom"] = time.perf_counter() - t0
+    # The zero threshold on the scale of everything seen (a large negative end raises it; a
+    # negative Rayleigh quotient below -threshold stays below it, since rtol < 1).
+    scale = max(scale, bottom.spectral_norm)
+    threshold = rtol * scale + atol
+    tolerances = Tolerances(grad_tol, rtol, atol, threshold, radii)
+
+    tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
+    tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
+    has_neg = tb < -threshold
+    curvature_kind, reason = _iterative_kind(
+        tb, rb, conv_b, tt, rt, conv_t, threshold, bottom.stopped_early, bottom.hvp_count,
+    )
+
+    estimate = None
+    index, min_ratio = math.nan, math.nan
+    if curvature_kind == "minimum":
+        index, min_ratio = 0.0, 1.0  # every eigenvalue is proved above the threshold
+    elif curvature_kind == "maximum":
+        index, min_ratio = 1.0, 0.0
+    elif index_probes > 0:
+        t0 = time.perf_counter()
+        estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2)
+        seconds["index"] = time.perf_counter() - t0
+        index, min_ratio = estimate.value, estimate.min_ratio
+    if estimate is not None:
+        n_neg = round(estimate.value * n)
+        n_pos = round(estimate.min_ratio * n)
+        n_zero = n - n_neg - n_pos
+    else:
+        n_neg = n if index == 1.0 else 0
+        n_pos = n if min_ratio == 1.0 else 0
+        n_zero = n - n_neg - n_pos
+
+    escape_dir, escape_curv = None, None
+    if has_neg:
+        escape_dir = _descent_sign(bottom.eigenvectors[:, 0].to(objective.dtype).clone(), grad)
+        escape_curv = tb
+    if grad_norm > grad_tol:
+        kind, resolved_by, reason = _not_critical(grad_norm, grad_tol, tb if has_neg else None)
+    else:
+        kind = curvature_kind
+        resolved_by = {
+            "saddle": "certificate" if bottom.stopped_early else "eigenvalues",
+            "minimum": "eigenvalues",
+            "maximum": "eigenvalues",
+            "degenerate": "unresolved",
+            "inconclusive": "unresolved",
+        }[curvature_kind]
+    both = torch.cat([bottom.eigenvalues, top.eigenvalues]) if n > 1 else bottom.eigenvalues
+    vals = torch.sort(both.to(torch.float64).cpu()).values
+    seconds["total"] = time.perf_counter() - start
+    return CriticalPoint(
+        kind=kind,
+        curvature_kind=curvature_kind,
+        resolved_by=resolved_by,
+        reason=reason,
+        loss=float(loss),
+        grad_norm=grad_norm,
+        eigenvalues=vals,
+        n_params=n,
+        n_negative=n_neg,
+        n_zero=n_zero,
+        n_positive=n_pos,
+        min_ratio=min_ratio,
+        index=index,
+        escape_direction=escape_dir,
+        escape_curvature=escape_curv,
+        top_direction=top.eigenvectors[:, -1].to(objective.dtype).clone(),
+        theta=theta.detach().clone(),
+        tolerances=tolerances,
+        method="lanczos",
+        mode=objective.mode,
+        dtype=str(objective.dtype),
+        seed=seed,
+        hvp_count=op.hvp_count,
+        seconds=seconds,
+        lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
+        index_estimate=estimate,
+    )
+
+
+def _iterative_kind(
+    tb: float, rb: float, conv_b: bool, tt: float, rt: float, conv_t: bool,
+    thr: float, certificate: bool, bottom_hvps: int,
+) -> tuple[str, str]:
+    """The curvature verdict from the extreme Ritz pairs (see :func:`_analyze_iterative`):
+    bottom ``(tb, rb)``, top ``(tt, rt)``, zero threshold ``thr``."""
+    has_neg, has_pos = tb < -thr, tt > thr
+    if has_neg and has_pos:
+        how = "a confirmed Rayleigh quotient (certificate)" if certificate else "a converged eigenpair"
+        return "saddle", f"negative curvature {tb:.3g} < -{thr:.3g} from {how}; positive curvature {tt:.3g}"
+    if conv_b and tb - rb > thr:
+        return "minimum", f"lambda_min >= {tb:.4g} - {rb:.2g} > {thr:.3g} (converged; residual bound)"
+    if conv_t and tt + rt < -thr:
+        return "maximum", f"lambda_max <= {tt:.4g} + {rt:.2g} < -{thr:.3g} (converged; residual bound)"
+    if has_neg:  # negative curvature, and none positive found above the threshold
+        end, value, resid, conv, lo, hi = "lambda_max", tt, rt, conv_t, tt, tt + rt
+    else:
+        end, value, resid, conv, lo, hi = "lambda_min", tb, rb, conv_b, tb - rb, tb
+    if not conv:
+        return "inconclusive", (
+            f"{end} did not converge in the HVP budget (Ritz value {value:.3g}, residual {resid:.2g}) and "
+            f"no certificate decides the verdict; raise max_hvps"
+            + (f" (the bottom run spent {bottom_hvps})" if end == "lambda_min" else "")
+        )
+    if -thr <= lo and hi <= thr:
+        return "degenerate", (
+            f"{end} is in [{lo:.3g}, {hi:.3g}], within the zero threshold {thr:.3g}: the second-order "
+            f"test is inconclusive (probing the null space needs the exact path)"
+        )
+    return "inconclusive", f"{end} is in [{lo:.3g}, {hi:.3g}], which straddles the zero threshold {thr:.3g}"
 
 
 def _descent_sign(u: Tensor, grad: Tensor) -> Tensor:

@@ -364,7 +364,7 @@ class Objective:
             raise TooLargeError(
                 f"the exact Hessian of {n:,} parameters needs about {need / 2**30:.1f} GiB "
                 f"(budget {max_bytes / 2**30:.1f} GiB); raise max_bytes, analyse a block, or use "
-                "the iterative path (Hessian-vector products: Objective.gradient_graph / hvp)"
+                "the iterative path (ss.analyze(obj, exact=False), ss.HessianOperator + ss.eigs)"
             )
         graph = self.gradient_graph(theta)
         if chunk_size is None:

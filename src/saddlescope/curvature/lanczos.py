@@ -10,8 +10,12 @@ all previous ones, "twice is enough"), :math:`A V_j = V_j T_j + r_j e_j^\top`. A
 next Lanczos vector) are kept and the rest discarded: the decomposition keeps its form, so the
 iteration goes on without losing what has converged.
 
-Convergence is judged by residual norms relative to the spectral-norm estimate
-:math:`\max|\theta|`, never by the change between iterates. On convergence the Ritz vectors are
+Convergence is judged by residual norms, never by the change between iterates: relative to the
+spectral-norm estimate :math:`\max|\theta|` (the default), or relative to each Ritz value itself
+(``relative_to="value"``). The second is what a small eigenvalue needs: a Ritz pair with residual
+:math:`r` has an eigenvalue within :math:`r` of :math:`\theta` (for symmetric :math:`A`), so
+:math:`r \le \text{tol}\,|\theta|` bounds the relative error of :math:`\theta` by ``tol`` even when
+:math:`|\lambda_{min}| \ll \lambda_{max}`. On convergence the Ritz vectors are
 multiplied once more (k extra products) to report *true* residuals: in floating point Lanczos loses
 orthogonality and the cheap estimate can be optimistic.
 
@@ -21,6 +25,7 @@ precision the operator computes in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +45,12 @@ class EigenResult:
         eigenvalues: shape ``(m,)`` (m = k, or 2k for ``which="both"``), ascending.
         eigenvectors: shape ``(n, m)``, unit columns.
         residuals: true residual norms ``||A v - lambda v||`` (one extra product per pair).
-        converged: per pair, ``residual <= tol * spectral_norm``.
+        converged: per pair, ``residual <= max(tol * scale, atol)`` with ``scale`` the spectral norm
+            (``relative_to="norm"``) or the pair's ``|eigenvalue|`` (``relative_to="value"``).
         spectral_norm: the estimate ``max |Ritz value|`` the tolerance is relative to.
         hvp_count: operator products spent, including the confirmation.
         restarts: thick restarts made.
-        which, tol: what was asked.
+        which, tol, relative_to, atol: what was asked.
         stopped_early: the run stopped at ``stop_below`` before converging.
     """
 
@@ -58,6 +64,8 @@ class EigenResult:
     which: str
     tol: float
     stopped_early: bool = False
+    relative_to: str = "norm"
+    atol: float = 0.0
 
     @property
     def all_converged(self) -> bool:
@@ -73,6 +81,8 @@ class EigenResult:
             "restarts": self.restarts,
             "which": self.which,
             "tol": self.tol,
+            "relative_to": self.relative_to,
+            "atol": self.atol,
             "stopped_early": self.stopped_early,
         }
         if vectors:
@@ -134,6 +144,9 @@ def eigs(
     v0: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     stop_below: float | None = None,
+    relative_to: str = "norm",
+    atol: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -142,7 +155,9 @@ def eigs(
             :class:`~saddlescope.curvature.operator.HessianOperator`).
         k: pairs wanted at each requested end.
         which: ``"largest"``, ``"smallest"`` (the most negative: what decides a saddle) or ``"both"``.
-        tol: converged when ``||A v - lambda v|| <= tol * max|lambda|``.
+        tol: converged when ``||A v - lambda v|| <= max(tol * scale, atol)``, where ``scale`` is the
+            spectral-norm estimate ``max|lambda|`` (``relative_to="norm"``) or ``|lambda|`` of the
+            pair itself (``relative_to="value"``: then ``tol`` bounds each eigenvalue's relative error).
         krylov_dim: basis size before a thick restart (default ``max(3m + 10, 40)``, m pairs wanted,
             at most n).
         max_hvps: product budget (default ``max(20 * krylov_dim, 500)``); the result says which pairs
@@ -153,6 +168,11 @@ def eigs(
         stop_below: stop as soon as the smallest Ritz value is below this (a Ritz value is a Rayleigh
             quotient, so a negative one certifies negative curvature without convergence); the
             result's ``stopped_early`` says so and its Rayleigh quotients are recomputed exactly.
+        relative_to: ``"norm"`` or ``"value"`` (see ``tol``).
+        atol: absolute residual floor. Default 0 for ``"norm"``; for ``"value"``
+            ``100 * eps(op.dtype) * max|lambda|``, about where products in the operator's precision stop
+            improving, so an eigenvalue at zero does not spend the whole budget.
+        progress: ``progress(products, max_hvps)`` after every Lanczos step.
     """
     if which not in WHICH:
         raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
@@ -162,6 +182,10 @@ def eigs(
         raise InvalidInputError(f"k = {k} pairs ({which}) do not fit an operator of dimension {n}")
     if not (tol > 0):
         raise InvalidInputError(f"tol must be positive, got {tol}")
+    if relative_to not in ("norm", "value"):
+        raise InvalidInputError(f"relative_to must be 'norm' or 'value', got {relative_to!r}")
+    if atol is not None and not (atol >= 0):
+        raise InvalidInputError(f"atol must be >= 0, got {atol}")
     m_max = min(n, krylov_dim if krylov_dim is not None else max(3 * want + 10, 40))
     if m_max < min(n, want + 2):
         raise InvalidInputError(f"krylov_dim = {m_max} is too small for {want} pairs; use at least {want + 2}")
@@ -193,6 +217,16 @@ def eigs(
     norm_est = 0.0
     gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
 
+    def floor() -> float:
+        if atol is not None:
+            return float(atol)
+        return 100 * torch.finfo(op.dtype).eps * norm_est if relative_to == "value" else 0.0
+
+    def bound(values: Tensor) -> Tensor:
+        """The residual each pair must reach, from the current norm estimate."""
+        scale = values.abs() if relative_to == "value" else torch.full_like(values, norm_est)
+        return torch.clamp(tol * scale, min=floor())
+
     while True:
         # One Lanczos step: extend the basis by A v_j, orthogonalised twice against all of it.
         if j < m_max and products < budget:
@@ -204,6 +238,8 @@ def eigs(
                 # Invariant subspace: its Ritz values are exact. Go on from a fresh random direction
                 # orthogonal to the basis, decoupled from it (T stays block diagonal).
                 basis[:, j] = _fresh_direction(basis[:, :j], gen_restart)
+            if progress is not None:
+                progress(products, budget)
         small = j < min_dim and products < budget
         if small and stop_below is None:
             # Too small a Krylov space: a Ritz pair can have a tiny residual and still not be the
@@ -222,7 +258,7 @@ def eigs(
         last_beta = 0.0 if (coupling_zero or j >= n) else beta
         est = (last_beta * s[j - 1, :]).abs()
         idx = _wanted(ritz, k, which)
-        converged = est[idx] <= tol * norm_est
+        converged = est[idx] <= bound(ritz[idx])
         if bool(converged.all()) or products >= budget or j >= n:
             break
         if j < m_max:
@@ -255,11 +291,13 @@ def eigs(
         eigenvalues=rayleigh[order],
         eigenvectors=vectors[:, order],
         residuals=residuals[order],
-        converged=(residuals[order] <= tol * norm_est).cpu(),
+        converged=(residuals[order] <= bound(rayleigh[order])).cpu(),
         spectral_norm=norm_est,
         hvp_count=products,
         restarts=restarts,
         which=which,
         tol=tol,
         stopped_early=stopped_early,
+        relative_to=relative_to,
+        atol=floor(),
     )
