@@ -26,7 +26,12 @@ import saddlescope as ss  # noqa: E402
 
 
 def cases_for(dtype: torch.dtype) -> dict:
-    model, loss_fn, x, y = digits_setup(dtype)
+    return engine_cases(*digits_setup(dtype))
+
+
+def engine_cases(model, loss_fn, x, y) -> dict:
+    """One gradient and one HVP by each engine, on the same model, loss and single batch."""
+    dtype = x.dtype if x.is_floating_point() else next(model.parameters()).dtype
     obj = ss.Objective.from_model(model, loss_fn, (x, y))
     theta = obj.theta0
     v = torch.randn(obj.n_params, dtype=dtype)

@@ -1,10 +1,13 @@
-"""Run every benchmark in one process, one after the other; results land in bench/results/."""
+"""Run every benchmark in one process, one after the other; results land in bench/results/, and
+docs/benchmarks.md is rebuilt from them."""
 
 import runpy
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
 
-for script in ("hvp_engines.py", "exact_hessian.py"):
+for script in ("hvp_engines.py", "exact_hessian.py", "curvature.py", "report.py"):
     print(f"\n===== {script} =====", flush=True)
+    sys.argv = [script]
     runpy.run_path(str(HERE / script), run_name="__main__")

@@ -164,3 +164,19 @@ def test_value_relative_tolerance_stops_at_its_floor_for_a_zero_eigenvalue():
         ss.eigs(planted(values), k=1, relative_to="spectral")
     with pytest.raises(errors.InvalidInputError, match="atol"):
         ss.eigs(planted(values), k=1, atol=-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hvp_and_lanczos_on_cuda_match_the_cpu():
+    model = ss.problems.mlp((6, 10, 4), "tanh").double()
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 6, dtype=torch.float64), torch.randint(0, 4, (50,))
+    gpu = ss.Objective.from_model(model.cuda(), nn.functional.cross_entropy, (x.cuda(), y.cuda()))
+    cpu = ss.Objective.from_model(model.cpu(), nn.functional.cross_entropy, (x, y))
+    exact = torch.linalg.eigvalsh(cpu.hessian(cpu.theta0))
+    op = ss.HessianOperator(gpu)
+    assert op.device.type == "cuda"
+    res = ss.eigs(op, k=2, which="both", tol=1e-10)
+    assert torch.allclose(res.eigenvalues.cpu(), torch.cat([exact[:2], exact[-2:]]), rtol=1e-8, atol=1e-10)
+    cp = ss.analyze(gpu, exact=False, grad_tol=10.0, index_probes=2, index_steps=20)
+    assert cp.method == "lanczos" and cp.kind in ("saddle", "minimum", "inconclusive", "degenerate")

@@ -81,9 +81,9 @@ def lanczos_quadrature(
     nodes = torch.zeros(n_probes, steps, dtype=dtype)
     weights = torch.zeros(n_probes, steps, dtype=dtype)
     for p in range(n_probes):
-        basis = torch.zeros(n, steps + 1, dtype=dtype, device=op.device)
+        basis = torch.zeros(steps + 1, n, dtype=dtype, device=op.device)
         proj = torch.zeros(steps, steps, dtype=dtype, device=op.device)
-        basis[:, 0] = probes[:, p].to(op.device) / math.sqrt(n)
+        basis[0] = probes[:, p].to(op.device) / math.sqrt(n)
         m, scale = steps, 0.0
         for j in range(steps):
             beta = lanczos_step(apply, basis, proj, j)
