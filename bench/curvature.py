@@ -138,8 +138,8 @@ def reference(model, x, y, k: int = 5) -> dict:
     obj = ss.Objective.from_model(model64, CE, (x.double(), y))
     op = ss.HessianOperator(obj)
     start = time.perf_counter()
-    top = ss.eigs(op, k, "largest", tol=1e-10, relative_to="value", max_hvps=5000)
-    bottom = ss.eigs(op, 1, "smallest", tol=1e-8, relative_to="value", max_hvps=20000, krylov_dim=120)
+    top = ss.eigs(op, k, "largest", tol=1e-10, relative_to="value", max_hvps=3000)
+    bottom = ss.eigs(op, 1, "smallest", tol=1e-7, relative_to="value", max_hvps=3000, krylov_dim=120)
     return {
         "top": top.eigenvalues.tolist(),
         "top_bound": float((top.residuals / top.eigenvalues.abs()).max()),

@@ -9,6 +9,7 @@
 from saddlescope import errors, problems
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
 from saddlescope.curvature import (
+    BlockReport,
     DenseOperator,
     EigenResult,
     HessianOperator,
@@ -19,6 +20,7 @@ from saddlescope.curvature import (
     eigs,
     exact_spectrum,
     index_estimate,
+    per_block,
     spectral_density,
     trace,
 )
@@ -28,6 +30,7 @@ from saddlescope.objective import GradientGraph, Objective
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockReport",
     "CriticalPoint",
     "DenseOperator",
     "EigenResult",
@@ -47,6 +50,7 @@ __all__ = [
     "escape",
     "exact_spectrum",
     "index_estimate",
+    "per_block",
     "problems",
     "spectral_density",
     "trace",

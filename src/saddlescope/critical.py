@@ -42,21 +42,15 @@ from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+from saddlescope.tolerances import DEFAULT_TOLERANCES, default_tolerances
+
+__all__ = ["DEFAULT_TOLERANCES", "CriticalPoint", "ProbeResult", "Tolerances", "analyze", "default_tolerances"]
 
 KINDS = ("minimum", "maximum", "saddle", "degenerate", "inconclusive", "not_critical")
 
 # The automatic choice of analyze(exact=None): the full Hessian up to this many parameters.
 EXACT_MAX_PARAMS = 4096
 
-# (grad_tol, rtol, atol) by dtype. rtol sits orders of magnitude above the rounding error of an
-# autodiff Hessian and its eigendecomposition (about n * eps * max|lambda|), so a "negative"
-# eigenvalue is never rounding noise; atol = 0 keeps the test invariant to the loss's scale.
-DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float, float]] = {
-    torch.float64: (1e-6, 1e-9, 0.0),
-    torch.float32: (1e-4, 1e-4, 0.0),
-    torch.float16: (1e-2, 1e-2, 0.0),
-    torch.bfloat16: (1e-2, 1e-2, 0.0),
-}
 DEFAULT_PROBE_RADII = (1e-3, 1e-2, 1e-1)
 
 # Eigensolver tolerance on the iterative path, by dtype: residuals relative to the spectral norm
@@ -274,11 +268,6 @@ class CriticalPoint:
             else:
                 lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
         return "\n".join(lines)
-
-
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float, float]:
-    """``(grad_tol, rtol, atol)`` used when the caller gives none."""
-    return DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
 
 
 def classify_spectrum(eigenvalues: Tensor, zero_threshold: float) -> tuple[str, int, int, int]:
@@ -565,8 +554,8 @@ def _analyze_iterative(
         seconds["index"] = time.perf_counter() - t0
         index, min_ratio = estimate.value, estimate.min_ratio
     if estimate is not None:
-        n_neg = round(estimate.value * n)
-        n_pos = round(estimate.min_ratio * n)
+        n_neg = min(n, round(estimate.value * n))
+        n_pos = min(n - n_neg, round(estimate.min_ratio * n))
         n_zero = n - n_neg - n_pos
     else:
         n_neg = n if index == 1.0 else 0

@@ -382,6 +382,36 @@ class Objective:
         _finite(hess, "Hessian", theta)
         return hess
 
+    def blocks(self, by: str | Callable[[str], str] = "module") -> dict[str, Tensor]:
+        """Split ``theta`` into named blocks: an ordered mapping name -> indices into ``theta``.
+
+        Args:
+            by: ``"module"`` (the parameters of each module, named as in ``named_modules()``;
+                a parameter of the model itself goes in ``"(root)"``), ``"parameter"`` (one block per
+                parameter), or a callable mapping a parameter name to its block's name (e.g. one
+                block per transformer layer). An analytic objective is one block, ``"theta"``.
+        """
+        names = self.param_names or ["theta"]
+        shapes = self.param_shapes or [torch.Size([self.n_params])]
+        if by == "parameter":
+            key: Callable[[str], str] = lambda name: name  # noqa: E731
+        elif by == "module":
+            key = lambda name: name.rpartition(".")[0] or ("(root)" if self.param_names else name)  # noqa: E731
+        elif callable(by):
+            key = by
+        else:
+            raise InvalidInputError(f"by must be 'module', 'parameter' or a callable, got {by!r}")
+        groups: dict[str, list[Tensor]] = {}
+        offset = 0
+        for name, shape in zip(names, shapes):
+            size = int(torch.Size(shape).numel())
+            group = key(name)
+            if not isinstance(group, str):
+                raise InvalidInputError(f"the block function must return a str, got {group!r} for {name!r}")
+            groups.setdefault(group, []).append(torch.arange(offset, offset + size))
+            offset += size
+        return {group: torch.cat(parts) for group, parts in groups.items()}
+
     def __repr__(self) -> str:
         return (
             f"Objective({self.description.get('kind', '?')}, n_params={self.n_params}, "

@@ -14,6 +14,8 @@ gradient graph is built once at :math:`\theta` and each product is one backward 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -69,26 +71,74 @@ class HessianOperator(_Operator):
     Args:
         objective: the function whose Hessian this is.
         theta: the point (default ``objective.theta0``).
+        block: only the diagonal block ``H[b, b]``: a block name from ``objective.blocks(by)``
+            (module names, then parameter names, are looked up), or indices into ``theta``. Every
+            algorithm that takes an operator then works on the block unchanged.
         keep_graphs: keep every data batch's gradient graph between products (default: only with a
             single batch); otherwise each product recomputes them batch by batch.
 
     Attributes:
-        shape: ``(n, n)``.
-        hvp_count: Hessian-vector products made so far (a block of k counts k).
-        loss, grad: at ``theta`` (computed while building the graph).
+        shape: ``(n, n)`` (``n`` the block's size).
+        hvp_count: Hessian-vector products made so far (a block of k counts k), shared by every
+            block operator made with :meth:`block` from this one.
+        loss, grad: at ``theta`` (computed while building the graph; ``grad`` is the full gradient).
+        index: the indices of the block in ``theta`` (None for the whole Hessian).
     """
 
-    def __init__(self, objective: Objective, theta: Tensor | None = None, *, keep_graphs: bool | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        theta: Tensor | None = None,
+        *,
+        block: str | Tensor | slice | None = None,
+        keep_graphs: bool | None = None,
+    ) -> None:
         if not isinstance(objective, Objective):
             raise InvalidInputError(f"objective must be a saddlescope Objective, got {type(objective).__name__}")
         theta = objective.theta0 if theta is None else objective.check_theta(theta)
         self.objective = objective
         self.theta = theta
         self._graph: GradientGraph = objective.gradient_graph(theta, keep_graphs=keep_graphs)
-        n = objective.n_params
-        self.shape = (n, n)
         self.dtype = objective.dtype
         self.device = objective.device
+        self._set_block(block)
+
+    def block(self, block: str | Tensor | slice) -> HessianOperator:
+        """The diagonal block ``H[b, b]`` sharing this operator's gradient graph (no new gradient)."""
+        if self.index is not None:
+            raise InvalidInputError("take blocks of the whole Hessian, not of a block")
+        other = copy.copy(self)
+        other._set_block(block)
+        return other
+
+    def _set_block(self, block: str | Tensor | slice | None) -> None:
+        n = self.objective.n_params
+        self.name = None
+        if block is None:
+            self.index = None
+            self.shape = (n, n)
+            return
+        if isinstance(block, str):
+            found = None
+            for by in ("module", "parameter"):
+                table = self.objective.blocks(by)
+                if block in table:
+                    found = table[block]
+                    break
+            if found is None:
+                known = list(self.objective.blocks("module"))
+                raise InvalidInputError(f"no block named {block!r}; modules: {known[:8]}{'...' if len(known) > 8 else ''}")
+            self.name, index = block, found
+        elif isinstance(block, slice):
+            index = torch.arange(n)[block]
+        elif isinstance(block, Tensor) and block.dim() == 1 and not block.is_floating_point():
+            index = block.to(torch.long).cpu()
+        else:
+            raise InvalidInputError(f"block must be a name, a slice or a 1-D integer tensor, got {type(block).__name__}")
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= n or index.unique().numel() != index.numel():
+            raise InvalidInputError(f"block indices must be distinct, non-empty and within [0, {n})")
+        self.index = index.to(self.device)
+        self.shape = (index.numel(), index.numel())
 
     @property
     def hvp_count(self) -> int:
@@ -103,10 +153,16 @@ class HessianOperator(_Operator):
         return self._graph.grad
 
     def _matmat(self, vs: Tensor) -> Tensor:
-        return self._graph.hvp_batch(vs.T.contiguous()).T
+        if self.index is None:
+            return self._graph.hvp_batch(vs.T.contiguous()).T
+        full = torch.zeros(vs.shape[1], self.objective.n_params, dtype=vs.dtype, device=vs.device)
+        full[:, self.index] = vs.T
+        return self._graph.hvp_batch(full)[:, self.index].T
 
     def __repr__(self) -> str:
-        return f"HessianOperator(n={self.shape[0]}, dtype={self.dtype}, device={self.device}, hvp_count={self.hvp_count})"
+        what = "" if self.index is None else f", block={self.name or 'indices'}"
+        return (f"HessianOperator(n={self.shape[0]}{what}, dtype={self.dtype}, device={self.device}, "
+                f"hvp_count={self.hvp_count})")
 
 
 class DenseOperator(_Operator):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from saddlescope.critical import CriticalPoint
+from saddlescope.curvature.blocks import BlockReport
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import Objective
 
@@ -110,4 +111,38 @@ def plot_loss_curve(
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_blocks(report: BlockReport, path: str | os.PathLike[str]) -> Path:
+    """Bars per block: lambda_max, |lambda_min| (hatched where negative) and the trace, log scale."""
+    plt = _pyplot()
+    rows = [*report.rows, report.whole] if report.whole.n_params else list(report.rows)
+    if not rows:
+        raise InvalidInputError("the report has no rows to plot")
+    names = [f"{r.name} ({r.n_params:,})" for r in rows]
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
+    # Log scale down to 1e-6 of the largest value; what is below (zero within a block's own
+    # threshold, rounding) is drawn at that floor, in grey.
+    peak = max(max(abs(r.lambda_max), abs(r.lambda_min)) for r in rows) or 1.0
+    floor = 1e-6 * peak
+    top = [max(r.lambda_max, floor) for r in rows]
+    low = [max(abs(r.lambda_min), floor) for r in rows]
+    negative = [r.lambda_min < -max(r.delta, floor) for r in rows]
+    axes[0].barh(y - 0.2, top, height=0.4, color="tab:blue", label="lambda_max")
+    axes[0].barh(y + 0.2, low, height=0.4, color=["tab:red" if neg else "tab:gray" for neg in negative],
+                 hatch="//", label="|lambda_min| (red: negative; grey: zero or positive)")
+    axes[0].set_xscale("log")
+    axes[0].set_xlim(left=floor / 2)
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set_title("extreme eigenvalues of each diagonal block")
+    traces = [r.trace for r in rows]
+    errors = [max(r.trace_high - r.trace, 0.0) for r in rows]
+    axes[1].barh(y, traces, xerr=errors, color="tab:green")
+    axes[1].axvline(0, color="black", lw=0.8)
+    axes[1].set_title("trace (with its interval)")
+    fig.suptitle(f"Hessian blocks by {report.by}")
     return _save(fig, path)
