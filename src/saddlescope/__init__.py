@@ -26,6 +26,7 @@ from saddlescope.curvature import (
 )
 from saddlescope.escape import EscapeStep, escape
 from saddlescope.objective import GradientGraph, Objective
+from saddlescope.stability import StabilityReport, stability
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "Objective",
     "ProbeResult",
     "Spectrum",
+    "StabilityReport",
     "Tolerances",
     "analyze",
     "eigs",
@@ -53,5 +55,6 @@ __all__ = [
     "per_block",
     "problems",
     "spectral_density",
+    "stability",
     "trace",
 ]

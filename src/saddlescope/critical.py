@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saddlescope.curvature.exact import exact_spectrum
+from saddlescope.curvature.exact import eigh_dtype, exact_spectrum
 from saddlescope.curvature.index import IndexEstimate, index_estimate
 from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
-from saddlescope.tolerances import DEFAULT_TOLERANCES, default_tolerances
+from saddlescope.tolerances import DEFAULT_TOLERANCES, default_tolerances, precision_bound
 
 __all__ = ["DEFAULT_TOLERANCES", "CriticalPoint", "ProbeResult", "Tolerances", "analyze", "default_tolerances"]
 
@@ -155,6 +155,9 @@ class CriticalPoint:
         method: ``"exact"`` or ``"lanczos"``; hvp_count: Hessian-vector products spent.
         lanczos: iterative path: the top and bottom eigensolver runs (residuals, convergence).
         index_estimate: iterative path: the :class:`IndexEstimate` behind ``index``/``min_ratio``.
+        dtype: the model's precision (products, gradient); eigensolver_dtype: the precision of the
+            eigendecomposition (the Lanczos recurrence on the iterative path).
+        notes: what the computation had to work around (e.g. the math attention kernel).
     """
 
     kind: str
@@ -184,6 +187,8 @@ class CriticalPoint:
     seconds: dict[str, float] = field(default_factory=dict)
     lanczos: dict[str, Any] | None = None
     index_estimate: IndexEstimate | None = None
+    eigensolver_dtype: str = "torch.float64"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lambda_min(self) -> float:
@@ -192,6 +197,14 @@ class CriticalPoint:
     @property
     def lambda_max(self) -> float:
         return float(self.eigenvalues[-1])
+
+    def precision(self) -> dict[str, Any]:
+        """The model's and the eigensolver's dtypes, and the rounding error the model's dtype puts
+        on each eigenvalue (:func:`saddlescope.tolerances.precision_bound`)."""
+        model_dtype = getattr(torch, self.dtype.removeprefix("torch."))
+        scale = float(self.eigenvalues.abs().max())
+        return {"model": self.dtype, "eigensolver": self.eigensolver_dtype,
+                "eigenvalue_rounding": precision_bound(model_dtype, scale)}
 
     def to_dict(self, vectors: bool | None = None) -> dict[str, Any]:
         """Every number of the verdict as JSON-ready Python values.
@@ -224,6 +237,8 @@ class CriticalPoint:
             "method": self.method,
             "mode": self.mode,
             "dtype": self.dtype,
+            "precision": self.precision(),
+            "notes": list(self.notes),
             "seed": self.seed,
             "hvp_count": self.hvp_count,
             "seconds": dict(self.seconds),
@@ -267,6 +282,9 @@ class CriticalPoint:
                 )
             else:
                 lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
+        if self.dtype != self.eigensolver_dtype:
+            lines.append(f"precision: model {self.dtype}, eigensolver {self.eigensolver_dtype}")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -367,16 +385,25 @@ def analyze(
         itemsize = torch.finfo(objective.dtype).bits // 8
         exact = n <= exact_max_params and n * n * itemsize <= max_bytes
     if exact:
-        return _analyze_exact(
+        point = _analyze_exact(
             objective, theta, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, probe=probe,
             n_random_probes=n_random_probes, max_probe_directions=max_probe_directions, seed=seed,
             max_bytes=max_bytes, progress=progress,
         )
-    return _analyze_iterative(
-        objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
-        eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
-        stop_at_certificate=stop_at_certificate, progress=progress,
-    )
+    else:
+        point = _analyze_iterative(
+            objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
+            eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
+            stop_at_certificate=stop_at_certificate, progress=progress,
+        )
+    point.notes = list(objective.notes)
+    if torch.finfo(objective.dtype).bits < 32:
+        point.notes.append(
+            f"products in {objective.dtype} resolve eigenvalues only to about "
+            f"+-{point.precision()['eigenvalue_rounding']:.2g}; for a sharper verdict analyse in float32 "
+            "(Objective.from_model(..., dtype=torch.float32))"
+        )
+    return point
 
 
 def _analyze_exact(
@@ -462,6 +489,7 @@ def _analyze_exact(
         seed=seed,
         hvp_count=spectrum.hvp_count,
         seconds={**spectrum.seconds, "total": time.perf_counter() - start},
+        eigensolver_dtype=str(eigh_dtype(objective.dtype)),
     )
 
 
@@ -607,6 +635,7 @@ def _analyze_iterative(
         seconds=seconds,
         lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
         index_estimate=estimate,
+        eigensolver_dtype=bottom.dtype,
     )
 
 
@@ -719,7 +748,7 @@ def probe_null_space(
         """Look for a significant fall of ``sign * loss`` beyond first order. Returns
         (found, largest change of the loss, displacement direction, every probe flat)."""
         sub = eigenvalues > threshold if sign > 0 else eigenvalues < -threshold
-        basis, curv = eigenvectors[:, sub], sign * eigenvalues[sub]
+        basis, curv = eigenvectors[:, sub], (sign * eigenvalues[sub]).to(eigenvectors.dtype)
         # The reference is the reduced value at t = 0 (the reduction alone may lower it when the
         # gradient is small but not zero), and the reduced function's first-order term is taken
         # out: the probe asks about the higher-order shape, not about a gradient already judged

@@ -46,3 +46,7 @@ class TooLargeError(SaddlescopeError, MemoryError):
 
 class NotADescentPointError(SaddlescopeError):
     """An escape step was asked for where no negative-curvature direction exists."""
+
+
+class UnsupportedModelError(SaddlescopeError):
+    """The model uses an operation the computation cannot differentiate (e.g. twice)."""

@@ -21,7 +21,10 @@ gradients; the reused graph costs about one and a half.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ from saddlescope.errors import (
     NoTrainableParametersError,
     ThetaError,
     TooLargeError,
+    UnsupportedModelError,
 )
 
 # Bytes an exact Hessian may take by default: the matrix, the copy eigh works on and the
@@ -90,6 +94,10 @@ class Objective:
         self.param_names = param_names
         self.param_shapes = param_shapes
         self.description = describe or {}
+        # Set once a fused kernel's missing double backward was met: every later gradient graph
+        # is then built with PyTorch's math attention kernel (see GradientGraph).
+        self.math_attention = False
+        self.notes: list[str] = []
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -138,6 +146,7 @@ class Objective:
         train_mode: bool = False,
         params: Iterable[str] | None = None,
         reduction: str = "mean",
+        max_batches: int | None = None,
     ) -> Objective:
         """An objective over a model's parameters: ``loss_fn(model(inputs), targets)`` on ``data``.
 
@@ -155,6 +164,10 @@ class Objective:
                 The others, and all buffers, are held fixed.
             reduction: ``"mean"`` if ``loss_fn`` averages over the batch (batches are then
                 weighted by size), ``"sum"`` if it sums (batch losses are added).
+            max_batches: use only the first ``max_batches`` batches, read once and kept, so every
+                product sees the same fixed subset even from a shuffling loader. What was used is
+                recorded in ``description["subset"]`` (batches, samples and a fingerprint of the
+                data); :func:`saddlescope.stability` measures how much the verdict depends on it.
         """
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -162,6 +175,8 @@ class Objective:
             raise InvalidInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if reduction not in ("mean", "sum"):
             raise InvalidInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
+            raise InvalidInputError(f"max_batches must be a positive integer, got {max_batches!r}")
 
         named = dict(model.named_parameters())
         if params is None:
@@ -199,7 +214,7 @@ class Objective:
         fixed.update({n: cast(b.detach()) for n, b in model.named_buffers()})
         theta0 = torch.cat([named[n].detach().reshape(-1) for n in trainable]).to(device, dtype)
 
-        batch_list = _materialise(data, cast)
+        batch_list = _materialise(data, cast, max_batches)
 
         def batches() -> Iterable[Batch]:
             if batch_list is not None:
@@ -245,6 +260,14 @@ class Objective:
             param_names=trainable,
             param_shapes=shapes,
         )
+        if max_batches is not None:
+            assert batch_list is not None
+            obj.description["subset"] = {
+                "max_batches": max_batches,
+                "batches": len(batch_list),
+                "samples": sum(b.size for b in batch_list),
+                "fingerprint": _fingerprint(batch_list),
+            }
         obj._reduction = reduction
         total = sum(b.size for b in obj._batches())
         if total == 0:
@@ -444,25 +467,87 @@ class GradientGraph:
         self._batches = batches
         self._keep = len(batches) == 1 if keep_graphs is None else keep_graphs
         self._graphs: list[tuple[Tensor, Tensor]] = []
-        loss = torch.zeros((), dtype=objective.dtype, device=objective.device)
+        self._linear_checked: set[int] = set()
+        self.loss, self.grad = self._with_fallback(self._build_all)
+
+    def _build_all(self) -> tuple[Tensor, Tensor]:
+        obj = self.objective
+        loss = torch.zeros((), dtype=obj.dtype, device=obj.device)
         grad = torch.zeros_like(self.theta)
-        for batch in batches:
+        self._graphs = []
+        for batch in self._batches:
             leaf, g, part = self._build(batch)
             loss += part.detach()
             grad += g.detach()
             if self._keep:
                 self._graphs.append((leaf, g))
-        self.loss = _finite(loss, "loss", theta)
-        self.grad = _finite(grad, "gradient", theta)
+        return _finite(loss, "loss", self.theta), _finite(grad, "gradient", self.theta)
 
     def _build(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         obj = self.objective
         leaf = self.theta.clone().requires_grad_(True)
-        part = obj._scalar(obj._batch_loss(leaf, batch)) / obj._normaliser
-        (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
+        with _attention_kernels(obj.math_attention):
+            part = obj._scalar(obj._batch_loss(leaf, batch)) / obj._normaliser
+            (g,) = torch.autograd.grad(part, leaf, create_graph=True, allow_unused=True)
         if g is None:
             g = torch.zeros_like(leaf)
+        elif not g.requires_grad and id(batch) not in self._linear_checked:
+            self._check_linear(batch, g.detach())
+            self._linear_checked.add(id(batch))
         return leaf, g, part
+
+    def _check_linear(self, batch: Batch, grad: Tensor) -> None:
+        """A gradient that carries no graph means zero curvature only if the loss is linear in
+        ``theta``. An operation that drops the graph instead (a custom ``autograd.Function`` whose
+        backward is ``once_differentiable``, a ``.detach()``) would make every product silently zero,
+        so the gradient is compared with the one at a point a step away."""
+        obj = self.objective
+        gen = torch.Generator().manual_seed(0)
+        direction = torch.randn(obj.n_params, generator=gen, dtype=torch.float64).to(obj.device, obj.dtype)
+        step = 1e-2 * max(1.0, float(self.theta.norm())) / float(direction.norm())
+        leaf = (self.theta + step * direction).requires_grad_(True)
+        with _attention_kernels(obj.math_attention):
+            part = obj._scalar(obj._batch_loss(leaf, batch)) / obj._normaliser
+            (moved,) = torch.autograd.grad(part, leaf, allow_unused=True)
+        if moved is None:
+            return
+        eps = torch.finfo(obj.dtype).eps
+        change = float((moved - grad).norm())
+        if change > 1e3 * eps * float(grad.norm() + moved.norm()) + torch.finfo(obj.dtype).tiny:
+            raise UnsupportedModelError(
+                "the gradient changes with theta but carries no graph, so the model has no second "
+                "derivative in PyTorch: an operation drops it (a custom autograd.Function with a "
+                "once_differentiable backward, or a .detach()); replace it with differentiable operations"
+            )
+
+    def _with_fallback(self, compute: Callable[[], Any], rebuild: bool = False) -> Any:
+        """Run ``compute``; if a fused kernel lacks a double backward, rebuild with the math kernel.
+
+        PyTorch's fused attention kernels (``scaled_dot_product_attention`` on flash, memory-efficient
+        or the CPU flash path, which Hugging Face models use by default) implement a backward but no
+        backward of that backward, so the first HVP fails. The math kernel computes the same function
+        with ordinary differentiable operations; the objective remembers the switch and says so in
+        ``objective.notes``.
+        """
+        try:
+            return compute()
+        except RuntimeError as exc:
+            if not _lacks_double_backward(exc):
+                raise
+            if self.objective.math_attention:
+                raise UnsupportedModelError(
+                    f"an operation in the model has no second derivative in PyTorch "
+                    f"({str(exc).splitlines()[0]}), even with the math attention kernel; replace "
+                    "it (e.g. a custom autograd.Function) with differentiable operations"
+                ) from exc
+        self.objective.math_attention = True
+        self.objective.notes.append(
+            "a fused kernel has no double backward (scaled_dot_product_attention); curvature was "
+            "computed with PyTorch's math attention kernel, which computes the same function"
+        )
+        if rebuild and self._keep:
+            self._build_all()
+        return compute()
 
     def _graphs_iter(self) -> Iterable[tuple[Tensor, Tensor]]:
         if self._keep:
@@ -484,6 +569,11 @@ class GradientGraph:
             raise ThetaError(f"vs must have shape (k, {obj.n_params}), got {tuple(vs.shape)}")
         if vs.dtype != obj.dtype or vs.device != obj.device:
             raise ThetaError(f"vs must be {obj.dtype} on {obj.device}, got {vs.dtype} on {vs.device}")
+        out = self._with_fallback(lambda: self._products(vs), rebuild=True)
+        self.hvp_count += vs.shape[0]
+        return out
+
+    def _products(self, vs: Tensor) -> Tensor:
         out: Tensor | None = None
         batched = vs.shape[0] > 1
         for leaf, g in self._graphs_iter():
@@ -502,11 +592,45 @@ class GradientGraph:
                 out = hv if out is None else out + hv
         if out is None:
             out = torch.zeros_like(vs)
-        self.hvp_count += vs.shape[0]
         return out
 
 
 # ---------------------------------------------------------------------- helpers
+def _fingerprint(batches: list[Batch]) -> str:
+    """A short hash of the data, so a report can say which subset it was computed on."""
+    digest = hashlib.sha1()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, Tensor):
+            digest.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            for key in sorted(x):
+                digest.update(str(key).encode())
+                feed(x[key])
+
+    for batch in batches:
+        feed(batch.inputs)
+        feed(batch.targets)
+    return digest.hexdigest()[:16]
+
+
+def _lacks_double_backward(exc: BaseException) -> bool:
+    message = str(exc)
+    return ("derivative for" in message and "not implemented" in message) or "once_differentiable" in message
+
+
+@contextlib.contextmanager
+def _attention_kernels(math_only: bool) -> Iterator[None]:
+    """PyTorch's math attention kernel while ``math_only``, the default choice otherwise."""
+    if not math_only:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _default_chunk(n: int) -> int:
     # Large enough that each batched backward is matrix-shaped, small enough to bound memory.
     return max(1, min(n, 32))
@@ -581,18 +705,19 @@ def _make_batch(raw: Any, cast: Callable[[Any], Any]) -> Batch:
     return Batch(inputs=inputs, targets=targets, size=n_in)
 
 
-def _materialise(data: Any, cast: Callable[[Any], Any]) -> list[Batch] | None:
-    """Batches as a list when the data are a pair, a list or a one-shot iterator; else None."""
+def _materialise(data: Any, cast: Callable[[Any], Any], max_batches: int | None = None) -> list[Batch] | None:
+    """Batches as a list when the data are a pair, a list, a one-shot iterator, or limited to
+    ``max_batches``; else None (a re-iterable loader, read lazily on every pass)."""
     if data is None:
         raise EmptyDataError("data is None; pass an (inputs, targets) pair or an iterable of them")
     if _is_pair(data):
         batches = [_make_batch(data, cast)]
     elif isinstance(data, (tuple, list)):
-        batches = [_make_batch(b, cast) for b in data]
+        batches = [_make_batch(b, cast) for b in data[:max_batches]]
     elif isinstance(data, Iterable):
-        if iter(data) is not data:  # re-iterable (a DataLoader): read lazily on every pass
+        if iter(data) is not data and max_batches is None:
             return None
-        batches = [_make_batch(b, cast) for b in data]
+        batches = [_make_batch(b, cast) for b in itertools.islice(data, max_batches)]
     else:
         raise InvalidInputError(
             f"data must be an (inputs, targets) pair or an iterable of them, got {type(data).__name__}"

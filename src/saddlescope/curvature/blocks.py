@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saddlescope.curvature.exact import symmetric_eigh
+from saddlescope.curvature.exact import eigh_dtype, symmetric_eigh
 from saddlescope.curvature.index import index_estimate
 from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
@@ -72,10 +72,12 @@ class BlockReport:
     seconds: float
     hvp_count: int
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"by": self.by, "rows": [r.to_dict() for r in self.rows], "whole": self.whole.to_dict(),
-                "seconds": self.seconds, "hvp_count": self.hvp_count, "settings": dict(self.settings)}
+                "seconds": self.seconds, "hvp_count": self.hvp_count, "settings": dict(self.settings),
+                "notes": list(self.notes)}
 
     def table(self) -> str:
         """The rows as aligned text."""
@@ -139,7 +141,10 @@ def per_block(
     return BlockReport(rows, whole_row, label, time.perf_counter() - start, full.hvp_count,
                        {"exact_max_params": exact_max_params, "tol": tol, "rtol": rtol,
                         "trace_matvecs": trace_matvecs, "index_probes": index_probes,
-                        "index_steps": index_steps, "seed": seed})
+                        "index_steps": index_steps, "seed": seed,
+                        "precision": {"model": str(objective.dtype), "exact_eigensolver": str(eigh_dtype(objective.dtype)),
+                                      "lanczos": "torch.float64"}},
+                       list(objective.notes))
 
 
 def _exact_row(name: str, op: HessianOperator, rtol: float) -> BlockRow:

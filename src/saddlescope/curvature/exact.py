@@ -42,8 +42,15 @@ class Spectrum:
         }
 
 
+def eigh_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision :func:`symmetric_eigh` solves in: float32/float64 as given, half types in float64
+    (no eigensolver takes them)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+
+
 def symmetric_eigh(matrix: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
     """Eigenvalues (ascending) and, if asked, eigenvectors of a symmetric matrix."""
+    matrix = matrix.to(eigh_dtype(matrix.dtype))
     if matrix.device.type == "cpu" and matrix.dtype in (torch.float32, torch.float64):
         import scipy.linalg
 
@@ -78,7 +85,9 @@ def exact_spectrum(
     values, vecs = symmetric_eigh(hessian, vectors=vectors)
     done = time.perf_counter()
     return Spectrum(
-        eigenvalues=values.to(objective.dtype),
+        # Half-precision models keep the solver's eigenvalues: rounding them to bf16 would add an
+        # error as large as the Hessian's own.
+        eigenvalues=values.to(eigh_dtype(objective.dtype)),
         eigenvectors=None if vecs is None else vecs.to(objective.dtype),
         seconds={"hessian": built - start, "eigh": done - built},
         hvp_count=objective.n_params,

@@ -61,6 +61,8 @@ class EigenResult:
         restarts: thick restarts made.
         which, tol, relative_to, atol: what was asked.
         stopped_early: the run stopped at ``stop_below`` before converging.
+        dtype: precision of the recurrence, basis and projected eigenproblem;
+            operator_dtype: precision of the products (the model's).
     """
 
     eigenvalues: Tensor
@@ -75,6 +77,8 @@ class EigenResult:
     stopped_early: bool = False
     relative_to: str = "norm"
     atol: float = 0.0
+    dtype: str = "torch.float64"
+    operator_dtype: str = "torch.float64"
 
     @property
     def all_converged(self) -> bool:
@@ -93,6 +97,8 @@ class EigenResult:
             "relative_to": self.relative_to,
             "atol": self.atol,
             "stopped_early": self.stopped_early,
+            "dtype": self.dtype,
+            "operator_dtype": self.operator_dtype,
         }
         if vectors:
             out["eigenvectors"] = self.eigenvectors.T.tolist()
@@ -316,4 +322,6 @@ def eigs(
         stopped_early=stopped_early,
         relative_to=relative_to,
         atol=floor(),
+        dtype=str(dtype),
+        operator_dtype=str(op.dtype),
     )
