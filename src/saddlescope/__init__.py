@@ -25,6 +25,7 @@ from saddlescope.curvature import (
     trace,
 )
 from saddlescope.escape import EscapeStep, escape
+from saddlescope.monitor import MonitorEvent, SaddleMonitor
 from saddlescope.objective import GradientGraph, Objective
 from saddlescope.stability import StabilityReport, stability
 
@@ -37,12 +38,14 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "IndexEstimate",
+    "MonitorEvent",
     "SpectralDensity",
     "TraceEstimate",
     "EscapeStep",
     "GradientGraph",
     "Objective",
     "ProbeResult",
+    "SaddleMonitor",
     "Spectrum",
     "StabilityReport",
     "Tolerances",

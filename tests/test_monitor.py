@@ -1,0 +1,379 @@
+"""SaddleMonitor and StallDetector against planted truth.
+
+Synthetic loss curves with a known plateau, divergence or oscillation drive the detector alone; a
+tanh MLP initialised at exactly zero (a saddle whose Hessian is known in closed form) drives the whole
+monitor, checked against an eigendecomposition of the Hessian built independently with
+``torch.autograd.functional.hessian``.
+"""
+
+import json
+import logging
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from saddlescope.errors import InvalidInputError
+from saddlescope.monitor import DetectorConfig, MonitorEvent, SaddleMonitor, StallDetector
+
+WINDOW = DetectorConfig().window
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: a second intra-op thread only adds contention (10-30x slower steps
+    on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(detector, losses, grads=None):
+    """Feed a loss sequence (and optional gradient norms); return the detections."""
+    grads = grads if grads is not None else [None] * len(losses)
+    found = [detector.update(loss, grad) for loss, grad in zip(losses, grads)]
+    return [d for d in found if d is not None]
+
+
+# ------------------------------------------------------------------------------ synthetic curves
+def plateau_curve(descent=200, flat=600, seed=0):
+    """Linear descent from 2 to 1 over ``descent`` steps, then flat at 1 (tiny noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = 1e-6 * torch.randn(flat, generator=gen, dtype=torch.float64)
+    losses = [2.0 - t / descent for t in range(1, descent + 1)] + [1.0 + float(e) for e in noise]
+    return losses
+
+
+def ema_settling_step(descent, config):
+    """When the smoothed loss of :func:`plateau_curve` turns flat, from the EMA's algebra: on the
+    ramp of slope r it lags by e = r beta / (1 - beta); on the plateau that excess decays as
+    beta^k, and the window's change e beta^k (1 - beta^W) falls below flat_tol after k steps."""
+    beta, window = config.beta, config.window
+    excess = (1.0 / descent) * beta / (1 - beta)
+    k = math.log(config.flat_tol / (excess * (1 - beta**window))) / math.log(beta)
+    return descent + window + math.ceil(k)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.98])
+@pytest.mark.parametrize("with_grads", [True, False])
+def test_planted_plateau_is_a_stall_inside_the_plateau(with_grads, beta):
+    descent = 200
+    config = DetectorConfig(beta=beta)
+    losses = plateau_curve(descent)
+    grads = [1.0] * descent + [1e-4] * (len(losses) - descent) if with_grads else None
+    detections = run(StallDetector(config), losses, grads)
+    assert detections, "the plateau was not flagged"
+    first = detections[0]
+    assert first.kind == "stall"
+    # Inside the plateau, not before it, and as soon as the smoothed loss has settled.
+    assert descent < first.step <= ema_settling_step(descent, config) + 2, first.step
+    assert abs(first.details["relative_change"]) <= config.flat_tol
+    assert first.details["grad_checked"] is with_grads
+    assert {d.kind for d in detections} == {"stall"}
+
+
+def test_flat_loss_with_a_large_gradient_is_not_a_stall():
+    losses = plateau_curve()
+    assert run(StallDetector(), losses, [1.0] * len(losses)) == []
+
+
+def test_lazy_gradient_is_evaluated_only_when_needed():
+    calls = []
+
+    def grad_norm():
+        calls.append(detector.step)
+        return 1e-4 if detector.step > 200 else 1.0
+
+    detector = StallDetector()
+    losses = plateau_curve()
+    detections = run(detector, losses, [grad_norm] * len(losses))
+    assert detections and detections[0].kind == "stall"
+    # The first step sets the scale; afterwards only flat steps ask for the gradient.
+    assert calls[0] == 1 and all(step > 200 for step in calls[1:])
+    # ...and not while a stall is cooling down: one call per event.
+    assert len(calls) == 1 + len(detections)
+
+
+def test_planted_divergence_is_flagged_and_blames_the_learning_rate():
+    start = 100
+    losses = [1.0 / math.sqrt(t) for t in range(1, start + 1)]
+    losses += [losses[-1] * 1.05**k for k in range(1, 200)]  # geometric growth
+    detections = run(StallDetector(), losses)
+    assert detections and detections[0].kind == "divergence"
+    assert start < detections[0].step <= start + 2 * WINDOW
+    assert "learning rate" in detections[0].message
+
+
+def test_non_finite_loss_is_divergence_at_once_and_spares_the_average():
+    detector = StallDetector()
+    detections = run(detector, [1.0, 0.9, float("nan"), 0.8])
+    assert [(d.kind, d.step) for d in detections] == [("divergence", 3)]
+    assert "learning rate" in detections[0].message
+    assert math.isfinite(detector.smoothed_loss)
+    assert detector.history.to_dict()["loss"][2] is None  # JSON-ready
+
+
+def test_one_spike_is_not_divergence():
+    losses = [1.0 / t for t in range(1, 400)]
+    losses[200] *= 10
+    assert run(StallDetector(), losses) == []
+
+
+def test_alternating_loss_is_oscillation():
+    losses = [2.0 - t / 400 + 0.1 * (-1) ** t for t in range(1, 300)]
+    detections = run(StallDetector(), losses)
+    assert detections and {d.kind for d in detections} == {"oscillation"}
+    assert detections[0].step == WINDOW + 1  # as soon as a full window is seen
+    assert detections[0].details["sign_change_fraction"] == 1.0
+    assert "learning rate" in detections[0].message
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_noisy_decrease_gives_no_event(seed):
+    gen = torch.Generator().manual_seed(seed)
+    steps = 3000
+    noise = torch.randn(2, steps, generator=gen, dtype=torch.float64)
+    losses = [(1.0 / t) * (1 + 0.03 * float(noise[0, t - 1])) for t in range(1, steps + 1)]
+    grads = [(1.0 / t) * (1 + 0.03 * float(noise[1, t - 1])) for t in range(1, steps + 1)]
+    assert run(StallDetector(), losses, grads) == []
+
+
+def test_cooldown_spaces_repeated_events_by_the_window():
+    losses = [1.0] * 400
+    detections = run(StallDetector(DetectorConfig(window=20)), losses)
+    steps = [d.step for d in detections]
+    assert steps[0] == 21 and all(b - a == 20 for a, b in zip(steps, steps[1:]))
+
+
+# ------------------------------------------------------------------------------ a real saddle
+def regression_data(n=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :1]) + 0.5 * x[:, 1:] + 0.3
+    return x, y
+
+
+def zero_tanh_mlp(hidden=8):
+    """A 2-layer tanh net with every weight and bias exactly zero: SGD can only fit the output
+    bias, after which every gradient is exactly zero (a saddle it never leaves)."""
+    model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def train(model, data, steps, monitor=None, lr=0.1):
+    x, y = data
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.MSELoss()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.step(loss)
+    with torch.no_grad():
+        return float(loss_fn(model(x), y))
+
+
+def reference_hessian(model, data, theta):
+    """The Hessian at ``theta`` the slow, obvious way: autograd on a flat-parameter function."""
+    x, y = data
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [s.numel() for s in shapes]
+
+    def loss_of(flat):
+        params = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss_of, theta.detach().clone())
+
+
+def test_zero_initialised_tanh_mlp_stalls_and_the_monitor_escapes_its_saddle():
+    data = regression_data()
+    x, y = data
+    steps = 400
+    stuck = train(zero_tanh_mlp(), data, steps)
+    assert stuck == pytest.approx(float(y.var(unbiased=False)), rel=1e-10)  # it never leaves
+
+    model = zero_tanh_mlp()
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="escape")
+    final = train(model, data, steps, monitor)
+
+    stalls = [e for e in monitor.events if e.kind == "stall"]
+    assert stalls and stalls[0].verdict == "saddle" and stalls[0].action == "escaped"
+    event = stalls[0]
+    # The verdict's spectrum against an independent eigendecomposition: at the saddle the
+    # output-weight/input-weight cross terms are -2 E[(y - mean y) x] per hidden unit, so
+    # lambda_min = -2 ||E[(y - mean y) x]||.
+    eigenvalues = torch.linalg.eigvalsh(reference_hessian(model, data, event.critical_point.theta))
+    assert float(eigenvalues[0]) < -0.1
+    assert event.critical_point.lambda_min == pytest.approx(float(eigenvalues[0]), abs=1e-8)
+    planted = -2 * float(((y - y.mean()) * x).mean(0).norm())
+    assert float(eigenvalues[0]) == pytest.approx(planted, abs=1e-6)
+    assert event.loss_after < event.analysis["loss"]
+    assert final < 0.6 * stuck
+
+
+def test_report_action_analyses_without_moving_the_parameters():
+    data = regression_data()
+    model = zero_tanh_mlp()
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="report")
+    train(model, data, 160, monitor)
+    event = monitor.events[0]
+    assert (event.kind, event.verdict, event.action, event.loss_after) == ("stall", "saddle", "reported", None)
+    with torch.no_grad():
+        assert all(float(p.abs().max()) == 0 for p in model[0].parameters())  # still exactly at zero
+
+
+def test_no_escape_at_a_minimum():
+    data = regression_data()
+    model = nn.Linear(2, 1).double()  # least squares: one minimum, no negative curvature
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="escape")
+    train(model, data, 400, monitor, lr=0.3)
+    stalls = [e for e in monitor.events if e.kind == "stall"]
+    assert stalls and stalls[0].verdict == "minimum"
+    assert stalls[0].action == "no_escape" and stalls[0].loss_after is None
+    # The Hessian of mean squared error of a linear model is 2 E[z z^T] with z = (x, 1).
+    z = torch.cat([data[0], torch.ones(len(data[0]), 1, dtype=torch.float64)], dim=1)
+    planted = float(torch.linalg.eigvalsh(2 * z.T @ z / len(z))[0])
+    assert stalls[0].analysis["lambda_min"] == pytest.approx(planted, rel=1e-9)
+
+
+def test_gradient_from_data_when_no_parameter_has_grad():
+    data = regression_data()
+    model = zero_tanh_mlp()
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="none")
+    monitor.step(1.0)  # no backward was run: the monitor computes the full gradient itself
+    expected = float(monitor.objective().grad(monitor.objective().theta0).norm())
+    assert monitor.history.grad_norm[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_event_and_monitor_are_json_serialisable_and_reported():
+    data = regression_data()
+    model = zero_tanh_mlp()
+    seen = []
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="escape", callback=seen.append)
+    train(model, data, 160, monitor)
+    assert seen == monitor.events and isinstance(seen[0], MonitorEvent)
+    text = json.dumps(monitor.events[0].to_dict(), allow_nan=False)
+    assert json.loads(text)["verdict"] == "saddle"
+    whole = json.loads(json.dumps(monitor.to_dict(), allow_nan=False))
+    assert len(whole["history"]["loss"]) == 160 and whole["config"]["window"] == WINDOW
+
+
+def test_events_are_logged_and_printed_when_verbose(caplog, capsys):
+    monitor = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data(), action="none", verbose=True)
+    with caplog.at_level(logging.INFO, logger="saddlescope.monitor"):
+        monitor.step(torch.tensor(1.0))
+        monitor.step(torch.tensor(float("inf")))
+    assert [(e.kind, e.action, e.verdict) for e in monitor.events] == [("divergence", "none", None)]
+    assert "diverged" in caplog.text
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"action": "fix"},
+        {"window": 1},
+        {"window": 10.5},
+        {"beta": 1.0},
+        {"flat_tol": -1.0},
+        {"rise_tol": float("nan")},
+        {"osc_fraction": 0.2},
+        {"cooldown": -1},
+        {"analyze_kwargs": {"bogus": 1}},
+        {"analyze_kwargs": {"theta": None}},
+        {"escape_kwargs": {"step": 1.0}},
+        {"objective_kwargs": [("dtype", torch.float64)]},
+        {"callback": "print"},
+    ],
+)
+def test_bad_arguments_raise_invalid_input(kwargs):
+    with pytest.raises(InvalidInputError):
+        SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data(), **kwargs)
+
+
+def test_bad_model_data_and_losses_raise_invalid_input():
+    with pytest.raises(InvalidInputError, match="nn.Module"):
+        SaddleMonitor(lambda x: x, nn.MSELoss(), regression_data())
+    with pytest.raises(InvalidInputError):
+        SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), (torch.zeros(3, 5), torch.zeros(3, 1)))
+    monitor = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data())
+    with pytest.raises(InvalidInputError, match="scalar"):
+        monitor.step(torch.ones(3))
+    with pytest.raises(InvalidInputError):
+        monitor.step("0.5")
+    with pytest.raises(InvalidInputError):
+        StallDetector().update(1.0, -1.0)
+
+
+# ------------------------------------------------------------------------------ lightning
+def _lightning_installed():
+    for name in ("lightning", "pytorch_lightning"):
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+@pytest.mark.skipif(_lightning_installed(), reason="lightning is installed")
+def test_lightning_callback_without_lightning_says_what_to_install():
+    monitor = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data())
+    with pytest.raises(ImportError, match="pip install lightning"):
+        monitor.lightning_callback()
+
+
+def test_lightning_callback_feeds_the_loss_to_the_monitor(monkeypatch):
+    # A stand-in for lightning.pytorch: only the Callback base class is used.
+    package = types.ModuleType("lightning")
+    module = types.ModuleType("lightning.pytorch")
+    module.Callback = type("Callback", (), {})
+    package.pytorch = module
+    monkeypatch.setitem(sys.modules, "lightning", package)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", module)
+    monitor = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data(), action="none")
+    callback = monitor.lightning_callback()
+    assert isinstance(callback, module.Callback)
+    callback.on_train_batch_end(None, None, {"loss": torch.tensor(0.5)}, None, 0)
+    callback.on_train_batch_end(None, None, torch.tensor(0.25), None, 1)
+    callback.on_train_batch_end(None, None, None, None, 2)  # a skipped batch
+    assert monitor.history.loss == [0.5, 0.25]
+
+
+def test_lightning_trainer_runs_the_callback():
+    pl = pytest.importorskip("lightning.pytorch")
+    x, y = regression_data()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = zero_tanh_mlp()
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    monitor = SaddleMonitor(module, nn.MSELoss(), (x, y), action="escape")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    trainer = pl.Trainer(max_epochs=200, callbacks=[monitor.lightning_callback()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    assert len(monitor.history) == 200
+    assert any(e.action == "escaped" for e in monitor.events)
