@@ -27,10 +27,26 @@ def test_analyze_with_lanczos():
     assert out["lanczos"]["top"]["eigenvalues"] == pytest.approx([10])  # 5x^2 - y^2: H = diag(10, -2)
 
 
+def test_analyze_by_module_gives_every_layer_and_a_chart(tmp_path):
+    chart = tmp_path / "blocks.png"
+    res = run("analyze", "--problem", "digits-mlp", "--by", "module", "--plot", str(chart), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    rows = out["blocks"]["rows"]
+    assert [r["name"] for r in rows] == ["0", "2"]  # the two Linear layers of 64-32-10
+    assert [r["n_params"] for r in rows] == [64 * 32 + 32, 32 * 10 + 10]
+    # The diagonal blocks of H sit inside its spectrum (Cauchy interlacing).
+    assert all(out["lambda_min"] - 1e-6 <= r["lambda_min"] <= r["lambda_max"] <= out["lambda_max"] + 1e-6
+               for r in rows)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_errors_are_one_line_without_traceback():
     for args in (["analyze", "--problem", "nope"], ["analyze", "--problem", "seed-toy", "--theta", "1,2,3"],
                  ["analyze", "--problem", "seed-toy", "--theta", "a,b"],
-                 ["analyze", "--problem", "seed-toy", "--method", "magic"]):
+                 ["analyze", "--problem", "seed-toy", "--method", "magic"],
+                 ["analyze", "--problem", "seed-toy", "--by", "layer"],
+                 ["analyze", "--problem", "seed-toy", "--plot", "x.png"]):
         res = run(*args)
         assert res.returncode == 2
         assert "Traceback" not in res.stderr

@@ -32,6 +32,8 @@ def _problems() -> dict[str, tuple[str, Callable[..., Any]]]:
         "monkey-saddle": ("x^3 - 3xy^2; degenerate saddle at 0", problems.monkey_saddle),
         "rosenbrock": ("(1 - x)^2 + 100 (y - x^2)^2; minimum at (1, 1)", problems.rosenbrock),
         "peano": ("(y - x^2)(y - 2x^2); degenerate saddle at 0", problems.peano_surface),
+        "digits-mlp": ("tanh MLP 64-32-10 on digits at its initialisation; 2,410 parameters in 2 layers",
+                       lambda: problems.digits_mlp((32,)).objective),
     }
 
 
@@ -64,13 +66,16 @@ def analyze(
     atol: float = typer.Option(None, help="See rtol."),
     method: str = typer.Option("auto", help="auto | exact | lanczos (auto: exact up to 4,096 parameters)."),
     k: int = typer.Option(10, "-k", help="Lanczos: eigenpairs at each end of the spectrum."),
+    by: str = typer.Option(None, "--by", help="Also curvature per block: module | parameter."),
+    plot: Path = typer.Option(None, help="With --by: write the per-block bar chart to this PNG."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
-    """Classify a point of a built-in problem."""
+    """Classify a point of a built-in problem (and, with --by, every layer's curvature)."""
     import json
 
     from saddlescope.critical import analyze as analyze_point
-    from saddlescope.report import to_jsonable
+    from saddlescope.curvature.blocks import per_block
+    from saddlescope.report import plot_blocks, to_jsonable
 
     try:
         table = _problems()
@@ -87,14 +92,26 @@ def analyze(
         methods = {"auto": None, "exact": True, "lanczos": False}
         if method not in methods:
             raise InvalidInputError(f"--method must be one of {', '.join(methods)}, got {method!r}")
+        if by is not None and by not in ("module", "parameter"):
+            raise InvalidInputError(f"--by must be 'module' or 'parameter', got {by!r}")
+        if plot is not None and by is None:
+            raise InvalidInputError("--plot draws the per-block chart: give --by module as well")
         cp = analyze_point(obj, point, k=k, exact=methods[method], grad_tol=grad_tol, rtol=rtol, atol=atol)
+        blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol)
+        if blocks is not None and plot is not None:
+            plot_blocks(blocks, plot)
     except SaddlescopeError as exc:
         _fail(str(exc))
         return
     if json_out:
-        typer.echo(json.dumps(to_jsonable(cp.to_dict()), indent=2))
+        out = cp.to_dict()
+        if blocks is not None:
+            out["blocks"] = blocks.to_dict()
+        typer.echo(json.dumps(to_jsonable(out), indent=2))
     else:
         typer.echo(cp.summary())
+        if blocks is not None:
+            typer.echo(blocks.table())
 
 
 @app.command()
