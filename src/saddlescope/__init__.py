@@ -6,7 +6,7 @@
     step = ss.escape(obj, cp)     # negative-curvature step with a line search
 """
 
-from saddlescope import errors, problems
+from saddlescope import errors, optim, problems
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
 from saddlescope.curvature import (
     BlockReport,
@@ -55,6 +55,7 @@ __all__ = [
     "escape",
     "exact_spectrum",
     "index_estimate",
+    "optim",
     "per_block",
     "problems",
     "spectral_density",
