@@ -3,7 +3,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-PARTS = ("curvature", "hvp_engines", "exact_hessian")
+PARTS = ("curvature", "precision", "hvp_engines", "exact_hessian")
 
 HEADER = """# Benchmarks
 
