@@ -25,6 +25,7 @@ from saddlescope.curvature import (
     trace,
 )
 from saddlescope.escape import EscapeStep, escape
+from saddlescope.landscape import LandscapeSlice, TrajectoryProjection, landscape, trajectory_pca
 from saddlescope.monitor import MonitorEvent, SaddleMonitor
 from saddlescope.objective import GradientGraph, Objective
 from saddlescope.stability import StabilityReport, stability
@@ -38,9 +39,11 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "IndexEstimate",
+    "LandscapeSlice",
     "MonitorEvent",
     "SpectralDensity",
     "TraceEstimate",
+    "TrajectoryProjection",
     "EscapeStep",
     "GradientGraph",
     "Objective",
@@ -55,10 +58,12 @@ __all__ = [
     "escape",
     "exact_spectrum",
     "index_estimate",
+    "landscape",
     "optim",
     "per_block",
     "problems",
     "spectral_density",
     "stability",
     "trace",
+    "trajectory_pca",
 ]

@@ -12,6 +12,7 @@ import torch
 from saddlescope.critical import CriticalPoint
 from saddlescope.curvature.blocks import BlockReport
 from saddlescope.errors import InvalidInputError
+from saddlescope.landscape import LandscapeSlice, TrajectoryProjection
 from saddlescope.objective import Objective
 
 
@@ -145,4 +146,39 @@ def plot_blocks(report: BlockReport, path: str | os.PathLike[str]) -> Path:
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_title("trace (with its interval)")
     fig.suptitle(f"Hessian blocks by {report.by}")
+    return _save(fig, path)
+
+
+def plot_landscape(
+    landscape: LandscapeSlice,
+    path: str | os.PathLike[str],
+    *,
+    trajectory: TrajectoryProjection | None = None,
+    title: str | None = None,
+) -> Path:
+    """A 1-D slice as a curve, a 2-D slice as a filled contour map (with a trajectory drawn on it)."""
+    plt = _pyplot()
+    losses = landscape.losses.double().numpy()
+    if landscape.dim == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(landscape.alphas.numpy(), losses, color="tab:blue")
+        ax.axvline(0.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(landscape.labels[0])
+        ax.set_ylabel("loss")
+    else:
+        fig, ax = plt.subplots(figsize=(6.2, 5.2))
+        assert landscape.betas is not None
+        mesh = ax.contourf(landscape.alphas.numpy(), landscape.betas.numpy(), losses, levels=30, cmap="viridis")
+        ax.contour(landscape.alphas.numpy(), landscape.betas.numpy(), losses, levels=15, colors="white",
+                   linewidths=0.4, alpha=0.6)
+        fig.colorbar(mesh, ax=ax, label="loss")
+        ax.plot([0.0], [0.0], marker="*", color="red", ms=12, label="theta")
+        if trajectory is not None:
+            xy = trajectory.coords.numpy()
+            ax.plot(xy[:, 0], xy[:, 1], color="white", lw=1.5, marker=".", ms=3, label="trajectory")
+            ax.plot(xy[0, 0], xy[0, 1], marker="o", color="orange", ms=7, label="start")
+        ax.set_xlabel(landscape.labels[0])
+        ax.set_ylabel(landscape.labels[1])
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or f"loss landscape ({landscape.kind} directions)")
     return _save(fig, path)
