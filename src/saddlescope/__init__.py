@@ -6,7 +6,7 @@
     step = ss.escape(obj, cp)     # negative-curvature step with a line search
 """
 
-from saddlescope import errors, optim, problems
+from saddlescope import errors, experiments, optim, problems
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
 from saddlescope.curvature import (
     BlockReport,
@@ -57,6 +57,7 @@ __all__ = [
     "errors",
     "escape",
     "exact_spectrum",
+    "experiments",
     "index_estimate",
     "landscape",
     "optim",

@@ -121,6 +121,114 @@ def problems() -> None:
         typer.echo(f"{name:18s} {text}")
 
 
+@app.command()
+def race(
+    out: Path = typer.Option(None, help="Folder for the run records (resumable), race.json, race.md and PNGs."),
+    quick: bool = typer.Option(False, help="One lr per optimizer and shorter step caps (well under a minute)."),
+    seeds: int = typer.Option(5, help="Seeds 0..N-1 per (optimizer, problem, lr)."),
+    problem_names: str = typer.Option(None, "--problems", help="Comma-separated problems (default: all)."),
+    optimizer_names: str = typer.Option(None, "--optimizers", help="Comma-separated optimizers (default: all)."),
+    workers: int = typer.Option(1, help="Parallel processes (wall times then share the CPU)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
+) -> None:
+    """The escape race: nine optimizers from saddles; steps, time and reliability to escape."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from saddlescope.experiments.race import race as run_race
+    from saddlescope.report import to_jsonable
+    from saddlescope.report.race_plots import plot_race
+
+    columns = (TextColumn("escape race"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("race", total=None)
+            result = run_race(
+                problem_names, optimizer_names, seeds=seeds, out=out, quick=quick, workers=workers,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        if out is not None:
+            for png in plot_race(result, out):
+                result.files[png.stem] = str(png)
+    except SaddlescopeError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(to_jsonable(result.to_dict()), indent=2))
+    else:
+        typer.echo(result.table())
+        typer.echo(f"\n{result.executed} runs executed, {result.reused} reused, {result.wall_time_s:.1f} s")
+
+
+study_app = typer.Typer(no_args_is_help=True, help="Studies over many networks (resumable, parallel).")
+app.add_typer(study_app, name="study")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidInputError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise InvalidInputError(f"{option} is empty")
+    return values
+
+
+@study_app.command("min-ratio")
+def study_min_ratio(
+    out: Path = typer.Option(Path("min_ratio_study"), help="Study folder: records (resumable), report.md, PNGs."),
+    n_networks: int = typer.Option(100, "-n", "--n-networks", help="Networks in the study."),
+    seed: int = typer.Option(0, help="Study seed: run i's network is drawn from (seed, i)."),
+    workers: int = typer.Option(1, help="Processes (spawned, one thread each); 0 computes in this process."),
+    hidden: str = typer.Option(None, help="Hidden widths to draw from, ';'-separated, e.g. '8;16;8,8'."),
+    activations: str = typer.Option(None, help="Comma-separated, from tanh,softplus,gelu,sigmoid."),
+    train_steps: str = typer.Option(None, help="Comma-separated Adam steps / L-BFGS iterations to draw from."),
+    n_samples: int = typer.Option(None, help="First digits used (default 300)."),
+    weight_decay: float = typer.Option(None, help="L2 penalty w in w/2 |theta|^2."),
+    loss: str = typer.Option(None, help="cross_entropy | mse."),
+    grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default 1e-6, float64)."),
+    max_iter: int = typer.Option(None, help="Hessians per critical-point search at most."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train N networks, drive each to a critical point, take the exact spectrum; write report.md."""
+    import json
+    import shlex
+
+    from saddlescope.experiments.min_ratio import MinRatioConfig, min_ratio
+    from saddlescope.report import to_jsonable
+    from saddlescope.report.study_plots import write_min_ratio_report
+
+    try:
+        options: dict[str, Any] = {}
+        if hidden is not None:
+            options["hidden"] = tuple(_int_list(part, "--hidden") for part in hidden.split(";") if part.strip())
+        if activations is not None:
+            options["activations"] = tuple(a.strip() for a in activations.split(",") if a.strip())
+        if train_steps is not None:
+            options["train_steps"] = _int_list(train_steps, "--train-steps")
+        for name, value in (("n_samples", n_samples), ("weight_decay", weight_decay), ("loss", loss),
+                            ("grad_tol", grad_tol), ("max_iter", max_iter)):
+            if value is not None:
+                options[name] = value
+        study = min_ratio(n_networks, out=out, seed=seed, workers=workers, config=MinRatioConfig(**options),
+                          progress=progress)
+        report = write_min_ratio_report(study, command="saddlescope " + shlex.join(sys.argv[1:]))
+    except SaddlescopeError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(to_jsonable(study.to_dict()), indent=2))
+        return
+    s = study.summary
+    typer.echo(f"{s.n_runs} networks: " + ", ".join(f"{k} {v}" for k, v in s.labels.items()))
+    typer.echo("critical points: " + (", ".join(f"{k} {v}" for k, v in s.kinds.items()) or "none")
+               + f"; fraction of minima {s.fraction_minima:.3g}; largest min ratio {s.largest_min_ratio:.4g}; "
+               f"loss-index Pearson r {s.pearson_loss_index:.3g}")
+    typer.echo(f"report: {report}")
+
+
 def main() -> None:  # console-script entry point
     try:
         app()

@@ -1,15 +1,16 @@
-"""Writing results: JSON written atomically (temp file + fsync + rename), never half a file."""
+"""Writing results: JSON written atomically (:mod:`saddlescope.atomic`), never half a file."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from saddlescope.atomic import atomic_write_text
 
 
 def to_jsonable(value: Any) -> Any:
@@ -27,23 +28,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value)
     return value
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
