@@ -72,7 +72,7 @@ from saddlescope.experiments.race_problems import (
     get_problem,
     seeded_generator,
 )
-from saddlescope.experiments.records import atomic_write_json
+from saddlescope.experiments.records import atomic_write_json, json_restore, json_safe
 from saddlescope.optim import NegativeCurvatureDescent, PerturbedGD, SaddleFreeNewton
 
 RECORDS_FILE = "race_records.jsonl"
@@ -227,7 +227,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
-        return cls(**{k: _restore(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: json_restore(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def _key(
@@ -563,27 +563,6 @@ class RaceResult:
 # ---------------------------------------------------------------------------------- records file
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as strings (read back by :func:`_restore`)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _restore(value: Any) -> Any:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _restore(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restore(v) for v in value]
-    return value
-
-
 def read_records(path: str | os.PathLike[str]) -> list[RunRecord]:
     """The finished runs in a records file; lines that do not parse (a killed write) are skipped."""
     path = Path(path)
@@ -616,7 +595,7 @@ class _RecordLog:
 
     @staticmethod
     def _line(record: RunRecord) -> str:
-        return json.dumps(_jsonable(record.to_dict()), allow_nan=False) + "\n"
+        return json.dumps(json_safe(record.to_dict()), allow_nan=False) + "\n"
 
     def append(self, record: RunRecord) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -26,36 +26,36 @@ from typing import Any
 from saddlescope.atomic import atomic_write_text
 from saddlescope.errors import InvalidInputError
 
-__all__ = ["RecordStore", "atomic_write_json"]
+__all__ = ["RecordStore", "atomic_write_json", "json_restore", "json_safe"]
 
 _RECORD = re.compile(r"^run-(\d{6,})\.json$")
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as strings (read back by :func:`_restore`)."""
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as strings (read back by :func:`json_restore`)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _restore(value: Any) -> Any:
+def json_restore(value: Any) -> Any:
     if isinstance(value, str) and value in ("nan", "inf", "-inf"):
         return float(value)
     if isinstance(value, dict):
-        return {k: _restore(v) for k, v in value.items()}
+        return {k: json_restore(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_restore(v) for v in value]
+        return [json_restore(v) for v in value]
     return value
 
 
 def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write ``payload`` as JSON atomically (:func:`saddlescope.atomic.atomic_write_text`); non-finite
-    floats become strings that :func:`_restore` reads back."""
-    return atomic_write_text(path, json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    floats become strings that :func:`json_restore` reads back."""
+    return atomic_write_text(path, json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
 
 
 class RecordStore:
@@ -80,9 +80,9 @@ class RecordStore:
         Raises:
             InvalidInputError: the folder holds runs of a study with a different ``key``.
         """
-        key = _restore(json.loads(json.dumps(_jsonable(key))))  # compare as it reads back
+        key = json_restore(json.loads(json.dumps(json_safe(key))))  # compare as it reads back
         if self.study_file.exists():
-            stored = _restore(json.loads(self.study_file.read_text(encoding="utf-8")))
+            stored = json_restore(json.loads(self.study_file.read_text(encoding="utf-8")))
             if stored != key:
                 changed = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
                 raise InvalidInputError(
@@ -115,7 +115,7 @@ class RecordStore:
         return {run_id for run_id, _ in self._record_files()}
 
     def read(self, run_id: int) -> dict[str, Any]:
-        return _restore(json.loads(self.path(run_id).read_text(encoding="utf-8")))
+        return json_restore(json.loads(self.path(run_id).read_text(encoding="utf-8")))
 
     def load(self, run_ids: set[int] | None = None) -> list[dict[str, Any]]:
         """Finished records, by run id (all, or those in ``run_ids``)."""
