@@ -220,11 +220,10 @@ def _hessian_directions(objective: Objective, theta: Tensor, dim: int, seed: int
     from saddlescope.curvature.lanczos import eigs
     from saddlescope.curvature.operator import HessianOperator
 
-    op = HessianOperator(objective, theta)
     if objective.n_params < 3:  # too small for a Krylov run: the exact pairs
         values, vectors = torch.linalg.eigh(objective.hessian(theta).double())
     else:
-        result = eigs(op, 1, "both", seed=seed)
+        result = eigs(HessianOperator(objective, theta), 1, "both", seed=seed)
         values, vectors = result.eigenvalues, result.eigenvectors
     low = vectors[:, 0].to(objective.dtype)
     high = vectors[:, -1].to(objective.dtype)
