@@ -29,6 +29,7 @@ from saddlescope.landscape import LandscapeSlice, TrajectoryProjection, landscap
 from saddlescope.monitor import MonitorEvent, SaddleMonitor
 from saddlescope.objective import GradientGraph, Objective
 from saddlescope.stability import StabilityReport, stability
+from saddlescope.workflow import ModelAnalysis, analyze_model
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "HessianOperator",
     "IndexEstimate",
     "LandscapeSlice",
+    "ModelAnalysis",
     "MonitorEvent",
     "SpectralDensity",
     "TraceEstimate",
@@ -53,6 +55,7 @@ __all__ = [
     "StabilityReport",
     "Tolerances",
     "analyze",
+    "analyze_model",
     "eigs",
     "errors",
     "escape",

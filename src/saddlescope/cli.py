@@ -59,8 +59,16 @@ def demo(
 
 @app.command()
 def analyze(
-    problem: str = typer.Option(..., help="A built-in problem (see `saddlescope problems`)."),
-    theta: str = typer.Option(None, help="Comma-separated point, e.g. '0,0' (default: the problem's start)."),
+    problem: str = typer.Option(None, help="A built-in problem (see `saddlescope problems`)."),
+    model: str = typer.Option(None, help="Your model: 'pkg.module:factory' or 'path/file.py:factory'."),
+    checkpoint: Path = typer.Option(None, help="Weights for --model: a state dict (torch.save) or .safetensors."),
+    data: str = typer.Option(None, help="Batches for --model: 'pkg.module:loader' (a function or a DataLoader)."),
+    loss: str = typer.Option("auto", help="auto | cross_entropy | mse | lm | model | lightning | pkg.module:fn."),
+    model_kwargs: str = typer.Option(None, help="JSON keyword arguments for the model factory."),
+    data_kwargs: str = typer.Option(None, help="JSON keyword arguments for the data function."),
+    dtype: str = typer.Option(None, help="float64 | float32 | bfloat16 | float16 (default: the model's)."),
+    max_batches: int = typer.Option(None, help="Analyse only the first N batches (a fixed subset)."),
+    theta: str = typer.Option(None, help="--problem: comma-separated point, e.g. '0,0' (default: its start)."),
     grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default by dtype)."),
     rtol: float = typer.Option(None, help="Eigenvalue is zero when |lambda| <= rtol*max|lambda| + atol."),
     atol: float = typer.Option(None, help="See rtol."),
@@ -68,50 +76,139 @@ def analyze(
     k: int = typer.Option(10, "-k", help="Lanczos: eigenpairs at each end of the spectrum."),
     by: str = typer.Option(None, "--by", help="Also curvature per block: module | parameter."),
     plot: Path = typer.Option(None, help="With --by: write the per-block bar chart to this PNG."),
+    seed: int = typer.Option(0, help="Seed for every random choice (recorded)."),
+    out: Path = typer.Option(None, help="Folder for the report: HTML page, JSON and PNGs."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
-    """Classify a point of a built-in problem (and, with --by, every layer's curvature)."""
+    """Classify a point: your model (--model, --data, --checkpoint) or a built-in --problem."""
     import json
 
-    from saddlescope.critical import analyze as analyze_point
-    from saddlescope.curvature.blocks import per_block
     from saddlescope.report import plot_blocks, to_jsonable
 
     try:
-        table = _problems()
-        if problem not in table:
-            raise InvalidInputError(f"unknown problem {problem!r}; choose one of {', '.join(table)}")
-        obj = table[problem][1]()
-        point = None
-        if theta is not None:
-            try:
-                values = [float(v) for v in theta.split(",")]
-            except ValueError:
-                raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
-            point = torch.tensor(values, dtype=obj.dtype)
-        methods = {"auto": None, "exact": True, "lanczos": False}
-        if method not in methods:
-            raise InvalidInputError(f"--method must be one of {', '.join(methods)}, got {method!r}")
-        if by is not None and by not in ("module", "parameter"):
-            raise InvalidInputError(f"--by must be 'module' or 'parameter', got {by!r}")
+        if (problem is None) == (model is None):
+            raise InvalidInputError("give either --model (with --data) for your own model, or --problem for a "
+                                    "built-in one (see `saddlescope problems`)")
+        if model is None:
+            for name, value in (("--data", data), ("--checkpoint", checkpoint), ("--model-kwargs", model_kwargs),
+                                ("--data-kwargs", data_kwargs), ("--max-batches", max_batches)):
+                if value is not None:
+                    raise InvalidInputError(f"{name} goes with --model, not --problem")
+        elif data is None:
+            raise InvalidInputError("--model needs --data 'pkg.module:loader' (the batches to analyse on)")
+        elif theta is not None:
+            raise InvalidInputError("--theta goes with --problem; a model is analysed at its checkpoint's weights")
         if plot is not None and by is None:
             raise InvalidInputError("--plot draws the per-block chart: give --by module as well")
-        cp = analyze_point(obj, point, k=k, exact=methods[method], grad_tol=grad_tol, rtol=rtol, atol=atol)
-        blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol)
-        if blocks is not None and plot is not None:
-            plot_blocks(blocks, plot)
+        command = "saddlescope " + _shell_join(sys.argv[1:])
+        with _stage_progress() as progress:
+            if model is not None:
+                result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
+                                        data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
+                                        method=method, k=k, by=by, grad_tol=grad_tol, rtol=rtol, atol=atol,
+                                        seed=seed, out=out, command=command, progress=progress)
+            else:
+                result = _analyze_problem(problem, theta, dtype=dtype, method=method, k=k, by=by,
+                                          grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed, out=out,
+                                          command=command, progress=progress)
+        if result.blocks is not None and plot is not None:
+            plot_blocks(result.blocks, plot)
     except SaddlescopeError as exc:
         _fail(str(exc))
         return
     if json_out:
-        out = cp.to_dict()
-        if blocks is not None:
-            out["blocks"] = blocks.to_dict()
-        typer.echo(json.dumps(to_jsonable(out), indent=2))
+        typer.echo(json.dumps(to_jsonable(result.to_dict()), indent=2))
     else:
-        typer.echo(cp.summary())
-        if blocks is not None:
-            typer.echo(blocks.table())
+        typer.echo(result.summary())
+
+
+def _shell_join(args: list[str]) -> str:
+    import shlex
+
+    return shlex.join(args)
+
+
+def _json_option(text: str | None, option: str) -> dict[str, Any] | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{option} must be a JSON object, e.g. '{{\"hidden\": 32}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{option} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+class _stage_progress:
+    """A transient rich progress bar fed by ``progress(stage, done, total)`` callbacks (stderr)."""
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = None
+        if not sys.stderr.isatty():  # a log file gets no bar (and no stray blank line)
+            return lambda stage, done, total: None
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self.bar.__enter__()
+        self.tasks: dict[str, Any] = {}
+        return self.update
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _analyze_model(model: str, data: str, *, model_kwargs: str | None, data_kwargs: str | None,
+                   **options: Any) -> Any:
+    from saddlescope.workflow import analyze_model
+
+    return analyze_model(model, data, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
+                         data_kwargs=_json_option(data_kwargs, "--data-kwargs"), **options)
+
+
+def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, method: str, k: int, by: str | None,
+                     grad_tol: float | None, rtol: float | None, atol: float | None, seed: int, out: Path | None,
+                     command: str, progress: Callable[[str, int, int], None]) -> Any:
+    from saddlescope.critical import analyze as analyze_point
+    from saddlescope.curvature.blocks import per_block
+    from saddlescope.workflow import METHODS, ModelAnalysis, write_model_report
+
+    table = _problems()
+    if problem not in table:
+        raise InvalidInputError(f"unknown problem {problem!r}; choose one of {', '.join(table)}")
+    if dtype is not None:
+        raise InvalidInputError("--dtype goes with --model; built-in problems compute in float64")
+    if method not in METHODS:
+        raise InvalidInputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if by is not None and by not in ("module", "parameter"):
+        raise InvalidInputError(f"--by must be 'module' or 'parameter', got {by!r}")
+    obj = table[problem][1]()
+    point = None
+    if theta is not None:
+        try:
+            values = [float(v) for v in theta.split(",")]
+        except ValueError:
+            raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
+        point = torch.tensor(values, dtype=obj.dtype)
+    cp = analyze_point(obj, point, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed,
+                       progress=lambda done, total: progress("hessian", done, total))
+    blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol, seed=seed)
+    result = ModelAnalysis(point=cp, objective=obj, blocks=blocks,
+                           settings={"problem": problem, "method": method, "k": k, "by": by, "seed": seed,
+                                     "command": command})
+    if out is not None:
+        result.files = write_model_report(result, out, command=command,
+                                          progress=lambda done, total: progress("report", done, total))
+    return result
 
 
 @app.command()

@@ -44,9 +44,33 @@ class TooLargeError(SaddlescopeError, MemoryError):
     """An exact computation would exceed the memory budget; use the iterative path."""
 
 
+class MissingFileError(InvalidInputError, FileNotFoundError):
+    """A file named by the user (checkpoint, module file) does not exist."""
+
+
+class UserCodeError(InvalidInputError):
+    """The user's model factory, data function or loss cannot be imported or raised when called."""
+
+
+class CheckpointError(InvalidInputError):
+    """A checkpoint cannot be read as a state dict of tensors."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint pickles code (a whole module or custom class); it is refused without running it."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's names or shapes differ from the model's."""
+
+
 class NotADescentPointError(SaddlescopeError):
     """An escape step was asked for where no negative-curvature direction exists."""
 
 
 class UnsupportedModelError(SaddlescopeError):
     """The model uses an operation the computation cannot differentiate (e.g. twice)."""
+
+
+class DistributedError(SaddlescopeError):
+    """A torch.distributed collective failed: another rank failed, stopped or disagrees with this one."""
