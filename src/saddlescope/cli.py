@@ -326,6 +326,56 @@ def study_min_ratio(
     typer.echo(f"report: {report}")
 
 
+@study_app.command("prevalence")
+def study_prevalence(
+    out: Path = typer.Option(Path("prevalence_study"), help="Study folder: records (resumable), report.md, PNGs."),
+    seed: int = typer.Option(0, help="Study seed: function i of a family in dimension n is drawn from it."),
+    workers: int = typer.Option(1, help="Processes (spawned, one thread each); 0 computes in this process."),
+    families: str = typer.Option(None, help="Comma-separated, from grf,polynomial,network,double_well."),
+    dims: str = typer.Option(None, help="Comma-separated dimensions n (default 1,2,3,4,6,8,12,16,24)."),
+    starts: int = typer.Option(None, help="Random starts per function (default 16)."),
+    instances: int = typer.Option(None, help="Random functions per family and dimension (default 3)."),
+    kicks: int = typer.Option(None, help="Kicked restarts of a search that found no critical point (default 6)."),
+    grf_edge_ratio: float = typer.Option(None, help="GRF confinement mu as a fraction of the Hessian edge R."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Find critical points of random functions and small networks; fraction of minima against n; report.md."""
+    import json
+    import shlex
+
+    from saddlescope.experiments.prevalence import PrevalenceConfig, prevalence_study
+    from saddlescope.report import to_jsonable
+    from saddlescope.report.prevalence_plots import write_prevalence_report
+
+    try:
+        options: dict[str, Any] = {}
+        if families is not None:
+            options["families"] = tuple(f.strip() for f in families.split(",") if f.strip())
+        if dims is not None:
+            options["dims"] = _int_list(dims, "--dims")
+        for name, value in (("starts", starts), ("instances", instances), ("kicks", kicks),
+                            ("grf_edge_ratio", grf_edge_ratio)):
+            if value is not None:
+                options[name] = value
+        study = prevalence_study(out=out, seed=seed, workers=workers, config=PrevalenceConfig(**options),
+                                 progress=progress)
+        report = write_prevalence_report(study, command="saddlescope " + shlex.join(sys.argv[1:]))
+    except SaddlescopeError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(to_jsonable(study.to_dict()), indent=2))
+        return
+    typer.echo(f"{len(study.records)} functions, {len(study.computed)} computed, {len(study.skipped)} resumed")
+    for row in study.rows:
+        theory = "" if row.theory is None else f", Kac-Rice {row.theory.fraction:.3g}"
+        typer.echo(f"{row.family:>11} n={row.n:<3} distinct {row.distinct:>3}, minima {row.minima:>3}, "
+                   f"fraction {row.fraction_minima:.3g} [{row.fraction_ci[0]:.2g}, {row.fraction_ci[1]:.2g}], "
+                   f"0.5^n {row.naive:.3g}{theory}")
+    typer.echo(f"report: {report}")
+
+
 def main() -> None:  # console-script entry point
     try:
         app()

@@ -1,6 +1,6 @@
 """Studies built on the layers below: the optimizer escape race (:mod:`.race`, :mod:`.race_problems`);
 the min-ratio study (:mod:`.min_ratio`) with its critical-point search (:mod:`.critical_search`) and
-resumable record store (:mod:`.records`)."""
+resumable record store (:mod:`.records`); the saddle-prevalence study (:mod:`.prevalence`)."""
 
 from saddlescope.experiments.critical_search import SearchResult, find_critical_point
 from saddlescope.experiments.min_ratio import (
@@ -11,7 +11,12 @@ from saddlescope.experiments.min_ratio import (
     min_ratio,
     run_network,
 )
-
+from saddlescope.experiments.prevalence import (
+    PrevalenceConfig,
+    PrevalenceStudy,
+    grf_minimum_fraction,
+    prevalence_study,
+)
 from saddlescope.experiments.race import (
     BEST_LR_RULE,
     OPTIMIZERS,
@@ -40,10 +45,14 @@ __all__ = [
     "MinRatioStudy",
     "MinRatioSummary",
     "NetworkConfig",
+    "PrevalenceConfig",
+    "PrevalenceStudy",
     "RecordStore",
     "SearchResult",
     "find_critical_point",
+    "grf_minimum_fraction",
     "min_ratio",
+    "prevalence_study",
     "run_network",
     "BEST_LR_RULE",
     "OPTIMIZERS",

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -49,6 +47,7 @@ from torch import Tensor, nn
 from saddlescope.critical import analyze
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import LABELS, find_critical_point
+from saddlescope.experiments.workers import imap_tasks, one_thread
 from saddlescope.experiments.records import RecordStore, atomic_write_json
 from saddlescope.objective import Objective
 from saddlescope.problems.digits import ACTIVATIONS, load_digits_tensors, mlp
@@ -267,24 +266,6 @@ def _data_loss(name: str) -> Any:
     return squared_error
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One thread for torch and BLAS: the machine is shared, and results do not depend on threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
-        limits: Any = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(1)
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run_network(config: MinRatioConfig, seed: int, run_id: int) -> dict[str, Any]:
     """Train network ``run_id``, search for a critical point from where training stopped, and take
     the exact spectrum there. Returns the run's record (JSON-ready).
@@ -295,7 +276,7 @@ def run_network(config: MinRatioConfig, seed: int, run_id: int) -> dict[str, Any
     start = time.perf_counter()
     run = network_config(config, seed, run_id)
     record: dict[str, Any] = {"run_id": run_id, "seed": seed, "config": run.to_dict()}
-    with _one_thread():
+    with one_thread():
         try:
             record.update(_train_search_analyze(run, config))
         except SaddlescopeError as exc:
@@ -581,43 +562,7 @@ def min_ratio(
 
 def _compute(config: MinRatioConfig, seed: int, todo: list[int], workers: int) -> Iterator[dict[str, Any]]:
     """Finished records in completion order, computed by spawned worker processes (or here, for 0)."""
-    if not todo:
-        return
-    if workers == 0:
-        for run_id in todo:
-            yield run_network(config, seed, run_id)
-        return
-    context = multiprocessing.get_context("spawn")
-    # Children read these when their BLAS starts; one thread each keeps the workers from competing.
-    saved = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
-    os.environ.update({k: "1" for k in _THREAD_VARIABLES})
-    try:
-        pool = context.Pool(min(workers, len(todo)), initializer=_worker_start, initargs=(os.getpid(),))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    with pool:
-        yield from pool.imap_unordered(_worker_run, [(config, seed, run_id) for run_id in todo])
-
-
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _worker_start(parent: int) -> None:
-    """One thread per worker, and exit when the parent is gone (killed with SIGKILL, a worker
-    would otherwise compute on for nobody)."""
-    torch.set_num_threads(1)
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
+    return imap_tasks(_worker_run, [(config, seed, run_id) for run_id in todo], workers)
 
 
 def _worker_run(task: tuple[MinRatioConfig, int, int]) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""Worker processes for the studies: one thread each, and none outliving a killed parent."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Children read these when their BLAS starts; one thread each keeps the workers from competing.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One thread for torch and BLAS: the machine is shared, and results do not depend on threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        limits: Any = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def imap_tasks(function: Callable[[T], dict[str, Any]], tasks: Sequence[T], workers: int) -> Iterator[dict[str, Any]]:
+    """``function(task)`` for every task, in completion order: here when ``workers`` is 0, else in
+    that many spawned processes. ``function`` must be a module-level function (it is pickled)."""
+    if not tasks:
+        return
+    if workers == 0:
+        for task in tasks:
+            yield function(task)
+        return
+    context = multiprocessing.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in THREAD_VARIABLES})
+    try:
+        pool = context.Pool(min(workers, len(tasks)), initializer=_worker_start, initargs=(os.getpid(),))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
+        yield from pool.imap_unordered(function, list(tasks))
+
+
+def _worker_start(parent: int) -> None:
+    """One thread per worker, and exit when the parent is gone (killed with SIGKILL, a worker
+    would otherwise compute on for nobody)."""
+    torch.set_num_threads(1)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
