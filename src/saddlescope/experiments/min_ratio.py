@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from saddlescope.critical import analyze
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import LABELS, find_critical_point
-from saddlescope.experiments.workers import imap_tasks, one_thread
+from saddlescope.experiments.workers import imap_tasks, one_thread, study_progress
 from saddlescope.experiments.records import RecordStore, atomic_write_json
 from saddlescope.objective import Objective
 from saddlescope.problems.digits import ACTIVATIONS, load_digits_tensors, mlp
@@ -570,23 +570,5 @@ def _worker_run(task: tuple[MinRatioConfig, int, int]) -> dict[str, Any]:
     return run_network(config, seed, run_id)
 
 
-@contextlib.contextmanager
-def _progress_bar(show: bool, total: int, done: int) -> Iterator[Any]:
-    if not show:
-        yield lambda record: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    counts: dict[str, int] = {}
-    with Progress(
-        TextColumn("[bold]min-ratio study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[labels]}"), console=Console(stderr=True), transient=False,
-    ) as bar:
-        task = bar.add_task("runs", total=total, completed=done, labels="" if not done else f"{done} resumed")
-
-        def advance(record: dict[str, Any]) -> None:
-            counts[record["label"]] = counts.get(record["label"], 0) + 1
-            bar.update(task, advance=1, labels=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-
-        yield advance
+def _progress_bar(show: bool, total: int, done: int) -> contextlib.AbstractContextManager[Any]:
+    return study_progress(show, total, done, title="min-ratio study", labels=lambda record: {record["label"]: 1})

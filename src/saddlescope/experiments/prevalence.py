@@ -115,7 +115,7 @@ from saddlescope.curvature.exact import exact_spectrum
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import find_critical_point
 from saddlescope.experiments.records import RecordStore, atomic_write_json, json_restore, json_safe
-from saddlescope.experiments.workers import imap_tasks, one_thread
+from saddlescope.experiments.workers import imap_tasks, one_thread, study_progress
 from saddlescope.objective import Objective
 from saddlescope.tolerances import default_tolerances
 
@@ -798,24 +798,5 @@ def _worker_run(job: tuple[PrevalenceConfig, int, Task]) -> dict[str, Any]:
     return {**run_instance(config, seed, family, n, instance), "run_id": run_id}
 
 
-@contextlib.contextmanager
-def _progress_bar(show: bool, total: int, done: int) -> Iterator[Any]:
-    if not show:
-        yield lambda record: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    counts: dict[str, int] = {}
-    with Progress(
-        TextColumn("[bold]prevalence study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[labels]}"), console=Console(stderr=True), transient=False,
-    ) as bar:
-        task = bar.add_task("runs", total=total, completed=done, labels="" if not done else f"{done} resumed")
-
-        def advance(record: dict[str, Any]) -> None:
-            for label, count in record["labels"].items():
-                counts[label] = counts.get(label, 0) + count
-            bar.update(task, advance=1, labels=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-
-        yield advance
+def _progress_bar(show: bool, total: int, done: int) -> contextlib.AbstractContextManager[Any]:
+    return study_progress(show, total, done, title="prevalence study", labels=lambda record: record["labels"])

@@ -72,3 +72,29 @@ def _worker_start(parent: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def study_progress(show: bool, total: int, done: int, *, title: str,
+                   labels: Callable[[dict[str, Any]], dict[str, int]]) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar over a study's runs (stderr) that tallies each finished record's labels;
+    yields ``advance(record)``. With ``show`` False, ``advance`` does nothing."""
+    if not show:
+        yield lambda record: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    counts: dict[str, int] = {}
+    with Progress(
+        TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[labels]}"), console=Console(stderr=True), transient=False,
+    ) as bar:
+        task = bar.add_task("runs", total=total, completed=done, labels="" if not done else f"{done} resumed")
+
+        def advance(record: dict[str, Any]) -> None:
+            for label, count in labels(record).items():
+                counts[label] = counts.get(label, 0) + count
+            bar.update(task, advance=1, labels=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+        yield advance
