@@ -37,6 +37,15 @@ def test_density_integrates_to_one_and_brackets_the_spectrum():
     assert sd.hvp_count == 4 * 60
 
 
+@pytest.mark.parametrize("value", [0.0, 3.0, -1e-8])
+def test_density_of_a_scalar_operator_is_finite_and_centred(value):
+    # Every Ritz node coincides (H = value * I): the default width must not collapse to a subnormal.
+    sd = ss.spectral_density(planted(torch.full((50,), value, dtype=torch.float64)), n_probes=2, steps=5)
+    assert torch.isfinite(sd.density).all() and sd.sigma > 0
+    assert float(torch.trapz(sd.density, sd.grid)) == pytest.approx(1.0, abs=1e-6)
+    assert float(sd.grid[sd.density.argmax()]) == pytest.approx(value, abs=2 * sd.sigma)
+
+
 def test_index_estimate_on_a_planted_spectrum_with_a_gap():
     est = ss.index_estimate(planted(BULK), delta=0.05, n_probes=20, steps=60, seed=0)
     assert est.within == pytest.approx(0.0, abs=1e-6)  # nothing planted within +-0.05

@@ -6,7 +6,7 @@
     step = ss.escape(obj, cp)     # negative-curvature step with a line search
 """
 
-from saddlescope import errors, experiments, optim, problems
+from saddlescope import errors, experiments, optim, problems, report
 from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
 from saddlescope.curvature import (
     BlockReport,
@@ -66,6 +66,7 @@ __all__ = [
     "optim",
     "per_block",
     "problems",
+    "report",
     "spectral_density",
     "stability",
     "trace",

@@ -1,6 +1,6 @@
 """Files that are never half written: the one atomic writer every layer uses.
 
-The text goes to a temporary file in the target's folder, is flushed and fsync'ed, then renamed over
+The bytes go to a temporary file in the target's folder, is flushed and fsync'ed, then renamed over
 the target with :func:`os.replace`, and the folder is fsync'ed so the rename survives a crash. A
 reader sees the old file or the whole new one; a killed writer leaves at most a ``.name.*.tmp`` file.
 """
@@ -14,13 +14,18 @@ from pathlib import Path
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (mode 0644, as ``open(path, "w")`` would usually give)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (mode 0644): an image, an archive, encoded text."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes the file private (0600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -163,10 +163,17 @@ def analyze_model(
 
 def write_model_report(result: ModelAnalysis, out: str | os.PathLike[str], *, command: str | None = None,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
-    """Write ``result``'s report into ``out`` and return the files by name."""
+    """Write ``result``'s report into ``out``: the HTML page with its JSON and PNGs
+    (:func:`saddlescope.report.write_report`), and ``analysis.json`` (the verdict with the checkpoint,
+    objective and settings). Returns the files by name."""
+    from saddlescope.report.html import write_report
     from saddlescope.report.io import write_json
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = write_json(folder / "analysis.json", result.to_dict())
-    return {"json": str(path)}
+    files = write_report(result.point, result.objective, out=out, blocks=result.blocks, command=command,
+                         seed=result.point.seed, progress=progress)
+    named = {"html": str(files.html), "report_json": str(files.json)}
+    named.update({f"png_{name}": str(path) for name, path in files.pngs.items()})
+    named["json"] = str(Path(out) / "analysis.json")
+    result.files = named
+    write_json(named["json"], result.to_dict())
+    return named

@@ -152,12 +152,16 @@ def spectral_density(
     Args:
         n_probes, steps: Rademacher probes and Lanczos steps per probe (``n_probes * steps`` HVPs).
         grid_size: points of the returned grid.
-        sigma: Gaussian smoothing width; default 1/200 of the spectral range.
+        sigma: Gaussian smoothing width; default 1/200 of the spectral range (of ``max|node|``, or
+            1, when all the nodes coincide).
         quadrature: reuse nodes and weights already computed (no new HVPs).
     """
     quad = quadrature or lanczos_quadrature(op, n_probes, steps, seed=seed, progress=progress)
     lo, hi = float(quad.nodes.min()), float(quad.nodes.max())
-    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    scale = max(abs(lo), abs(hi))
+    # One distinct node (a scalar or zero operator): 1/200 of a vanishing range would be a subnormal
+    # width and an overflowing density, so the range falls back to the nodes' size (1 for zero).
+    span = hi - lo if hi - lo > 1e-9 * scale else (scale if scale > 0 else 1.0)
     sigma = float(sigma) if sigma is not None else span / 200
     if not sigma > 0:
         raise InvalidInputError(f"sigma must be positive, got {sigma}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saddlescope.atomic import atomic_write_bytes
 from saddlescope.critical import CriticalPoint
 from saddlescope.curvature.blocks import BlockReport
 from saddlescope.errors import InvalidInputError
@@ -26,12 +28,15 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike[str]) -> Path:
+    """Save ``fig`` in the format of ``path``'s suffix, atomically, and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    _pyplot().close(fig)
-    return path
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_surface_2d(
