@@ -200,6 +200,9 @@ def test_cli_analyzes_a_users_model_and_writes_the_report(tmp_path):
     written = json.loads(Path(printed["files"]["json"]).read_text())
     assert written["lambda_min"] == pytest.approx(printed["lambda_min"])
     assert "digits_cnn" in written["settings"]["command"]
+    page = Path(printed["files"]["html"]).read_text()
+    assert "cross_entropy" in page and f"{printed['n_params']:,} parameters" in page
+    assert Path(printed["files"]["png_spectrum"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_imports_a_file_and_runs_a_lightning_module():
