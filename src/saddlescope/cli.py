@@ -77,10 +77,16 @@ def analyze(
     by: str = typer.Option(None, "--by", help="Also curvature per block: module | parameter."),
     plot: Path = typer.Option(None, help="With --by: write the per-block bar chart to this PNG."),
     seed: int = typer.Option(0, help="Seed for every random choice (recorded)."),
+    shard: bool = typer.Option(True, "--shard/--no-shard",
+                               help="Under torchrun: rank r takes batches r, r+N, ... (--no-shard: the data "
+                                    "function already returns this rank's shard)."),
     out: Path = typer.Option(None, help="Folder for the report: HTML page, JSON and PNGs."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
-    """Classify a point: your model (--model, --data, --checkpoint) or a built-in --problem."""
+    """Classify a point: your model (--model, --data, --checkpoint) or a built-in --problem.
+
+    Under `torchrun --nproc-per-node=N -m saddlescope.cli analyze ...` every sum is all-reduced over
+    the ranks; rank 0 alone prints and writes the report."""
     import json
 
     from saddlescope.report import plot_blocks, to_jsonable
@@ -106,7 +112,7 @@ def analyze(
                 result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
                                         data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
                                         method=method, k=k, by=by, grad_tol=grad_tol, rtol=rtol, atol=atol,
-                                        seed=seed, out=out, command=command, progress=progress)
+                                        seed=seed, shard=shard, out=out, command=command, progress=progress)
             else:
                 result = _analyze_problem(problem, theta, dtype=dtype, method=method, k=k, by=by,
                                           grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed, out=out,
@@ -115,6 +121,10 @@ def analyze(
             plot_blocks(result.blocks, plot)
     except SaddlescopeError as exc:
         _fail(str(exc))
+        return
+    from saddlescope.distributed import is_main_process
+
+    if not is_main_process():
         return
     if json_out:
         typer.echo(json.dumps(to_jsonable(result.to_dict()), indent=2))

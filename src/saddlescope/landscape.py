@@ -160,6 +160,8 @@ def evaluate_many(
                         out[start + i] = objective._total(point)
                     except NonFiniteLossError:
                         out[start + i] = float("nan")
+            # Sharded data: each rank computed its share of every loss; add the ranks' shares.
+            out[start : start + len(chunk)] = objective._all_sum(out[start : start + len(chunk)], "landscape losses")
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     out[~torch.isfinite(out)] = float("nan")

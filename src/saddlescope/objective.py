@@ -12,6 +12,10 @@ Everything above this layer sees a 1-D tensor :math:`\theta` and four methods:
 where :math:`\ell_b` is the (mean) loss of batch :math:`b` of :math:`n_b` samples, so the
 Hessian over several batches is exactly the full-data Hessian.
 
+Under ``torch.distributed`` the batches of every rank enter the same sums: each rank divides its
+local sum by the global count and one all-reduce per loss, gradient or batch of products adds the
+ranks' parts (:mod:`saddlescope.distributed`).
+
 One HVP engine serves the whole package: :class:`GradientGraph`. It computes the gradient at
 :math:`\theta` once with ``create_graph=True`` and answers every product :math:`Hv` with one
 backward pass through that graph (double backward). ``bench/hvp_engines.py`` measures why:
@@ -32,8 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from saddlescope import distributed as dist_helpers
 from saddlescope.errors import (
     BatchShapeError,
+    DistributedError,
     EmptyDataError,
     InvalidInputError,
     NonFiniteLossError,
@@ -71,6 +77,10 @@ class Objective:
         dtype, device: what ``theta`` must have.
         mode: ``"eval"`` or ``"train"`` for models (dropout and BatchNorm behaviour), ``"function"``
             for analytic objectives.
+        n_samples: the samples the loss averages over (all ranks' when sharded).
+        local_samples: this process's samples (``n_samples`` unless sharded).
+        sharded: the data are this rank's shard and every sum is all-reduced over
+            ``torch.distributed`` (see :meth:`from_model`'s ``distributed``).
     """
 
     def __init__(
@@ -147,6 +157,7 @@ class Objective:
         params: Iterable[str] | None = None,
         reduction: str = "mean",
         max_batches: int | None = None,
+        distributed: bool | None = None,
     ) -> Objective:
         """An objective over a model's parameters: ``loss_fn(model(inputs), targets)`` on ``data``.
 
@@ -168,6 +179,15 @@ class Objective:
                 product sees the same fixed subset even from a shuffling loader. What was used is
                 recorded in ``description["subset"]`` (batches, samples and a fingerprint of the
                 data); :func:`saddlescope.stability` measures how much the verdict depends on it.
+            distributed: treat ``data`` as this rank's shard of the full data and all-reduce
+                losses, gradients and products over the ``torch.distributed`` default group, weighted
+                by each rank's sample count, so every rank gets the full-data values. ``None``
+                (default): whenever a process group is initialised; ``False``: never (this rank's
+                data alone); ``True``: require a group. Every rank must then make the same calls in
+                the same order (the curvature routines do, given the same arguments and seed), hold
+                the same parameters (checked: :class:`~saddlescope.errors.DistributedError`) and at
+                least one sample (else every rank raises ``EmptyDataError``). ``description["distributed"]``
+                records the world size and the sample counts; :attr:`n_samples` is the global count.
         """
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -177,6 +197,7 @@ class Objective:
             raise InvalidInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise InvalidInputError(f"max_batches must be a positive integer, got {max_batches!r}")
+        sharded = _use_distributed(distributed)
 
         named = dict(model.named_parameters())
         if params is None:
@@ -214,7 +235,14 @@ class Objective:
         fixed.update({n: cast(b.detach()) for n, b in model.named_buffers()})
         theta0 = torch.cat([named[n].detach().reshape(-1) for n in trainable]).to(device, dtype)
 
-        batch_list = _materialise(data, cast, max_batches)
+        try:
+            batch_list = _materialise(data, cast, max_batches)
+        except EmptyDataError:
+            if not sharded:
+                raise
+            # An empty shard still takes part in the count exchange below, so every rank fails
+            # with the same message instead of its peers timing out.
+            batch_list = []
 
         def batches() -> Iterable[Batch]:
             if batch_list is not None:
@@ -269,9 +297,17 @@ class Objective:
                 "fingerprint": _fingerprint(batch_list),
             }
         obj._reduction = reduction
-        total = sum(b.size for b in obj._batches())
+        total, n_batches = 0, 0
+        for batch in obj._batches():
+            total += batch.size
+            n_batches += 1
+        obj.local_samples = total
+        if sharded:
+            total = obj._join_shards(total, n_batches)
         if total == 0:
             raise EmptyDataError("the data yielded no samples; pass at least one non-empty batch")
+        # With shards, each rank divides by the global count: its sums are then its share of the
+        # full-data mean and the all-reduce only has to add them.
         obj._normaliser = float(total) if reduction == "mean" else 1.0
         obj.n_samples = total
         obj.loss(obj.theta0)  # fail now, with the model's own message, not mid-analysis
@@ -280,6 +316,71 @@ class Objective:
     # Analytic objectives: one "batch" of size 1 and no normalisation.
     _normaliser: float = 1.0
     n_samples: int = 1
+    local_samples: int = 1
+    # True when the data are this rank's shard and every sum is all-reduced (from_model only).
+    sharded: bool = False
+
+    def _join_shards(self, local: int, n_batches: int) -> int:
+        """Exchange sample counts (and subset fingerprints, and a hash of ``theta0``) with the
+        other ranks; record them; return the global sample count."""
+        subset = self.description.get("subset")
+        fingerprint = _fingerprint_int(subset["fingerprint"]) if subset else 0
+        rows = dist_helpers.all_gather_ints(
+            [local, n_batches, fingerprint, dist_helpers.checksum(self.theta0)], what="exchanging sample counts"
+        )
+        world = len(rows)
+        empty = [r for r, row in enumerate(rows) if row[0] == 0]
+        if empty:
+            raise EmptyDataError(
+                f"rank(s) {empty} of {world} have no samples; every rank needs at least one: split the data "
+                "so each rank gets a shard (DistributedSampler, or indices[rank::world_size]) or launch fewer "
+                "processes"
+            )
+        differ = [r for r, row in enumerate(rows) if row[3] != rows[0][3]]
+        if differ:
+            raise DistributedError(
+                f"rank {dist_helpers.rank()} of {world}: the model's parameters differ across ranks (rank(s) "
+                f"{differ} differ from rank 0); every rank must hold the same parameters: seed the "
+                "initialisation identically or load the same checkpoint on every rank"
+            )
+        counts = [row[0] for row in rows]
+        self.sharded = True
+        self.description["distributed"] = {
+            "world_size": world,
+            "backend": dist_helpers.backend(),
+            "samples": sum(counts),
+            "samples_per_rank": counts,
+        }
+        if subset:
+            # The subset is the union of the ranks' subsets: count it whole, and fingerprint it
+            # by the ranks' fingerprints in rank order (so it depends on how the data were sharded).
+            joined = ",".join(format(row[2] & (2**64 - 1), "016x") for row in rows)
+            subset.update(
+                batches=sum(row[1] for row in rows),
+                samples=sum(counts),
+                fingerprint=hashlib.sha1(joined.encode()).hexdigest()[:16],
+            )
+        return sum(counts)
+
+    def _all_sum(self, tensor: Tensor, what: str) -> Tensor:
+        """The sum of every rank's ``tensor`` when sharded; ``tensor`` itself otherwise."""
+        if not self.sharded:
+            return tensor
+        return dist_helpers.all_reduce_sum(tensor, what=what)
+
+    def _all_sum_pair(self, loss: Tensor, grad: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """Loss and gradient summed over ranks in one collective."""
+        if not self.sharded:
+            return loss, grad
+        packed = self._all_sum(torch.cat([loss.reshape(1), grad]), what)
+        return packed[0], packed[1:]
+
+    def _check_same_theta(self, theta: Tensor) -> None:
+        """Every rank must build its products at the same point. Checked on every rank every time
+        (a hash and one tiny all-gather): skipping it where ``theta`` is ``theta0`` would leave a rank
+        at another point waiting in a collective its peers never enter."""
+        if self.sharded:
+            dist_helpers.check_same(theta, what="theta")
 
     # ------------------------------------------------------------------ evaluation
     def check_theta(self, theta: Any, name: str = "theta") -> Tensor:
@@ -321,7 +422,7 @@ class Objective:
         """:math:`L(\\theta)` as a 0-d tensor (no graph)."""
         theta = self.check_theta(theta)
         with torch.no_grad():
-            value = self._total(theta)
+            value = self._all_sum(self._total(theta), "the loss")
         return _finite(value, "loss", theta)
 
     def grad(self, theta: Tensor) -> Tensor:
@@ -344,6 +445,7 @@ class Objective:
                 grad += g
         if not seen:
             raise EmptyDataError("the data yielded no batch")
+        loss, grad = self._all_sum_pair(loss, grad, "the loss and gradient")
         _finite(loss, "loss", theta)
         _finite(grad, "gradient", theta)
         return loss, grad
@@ -461,6 +563,7 @@ class GradientGraph:
         self.objective = objective
         self.theta = theta.detach()
         self.hvp_count = 0
+        objective._check_same_theta(self.theta)
         batches = list(objective._batches())
         if not batches:
             raise EmptyDataError("the data yielded no batch")
@@ -468,9 +571,12 @@ class GradientGraph:
         self._keep = len(batches) == 1 if keep_graphs is None else keep_graphs
         self._graphs: list[tuple[Tensor, Tensor]] = []
         self._linear_checked: set[int] = set()
-        self.loss, self.grad = self._with_fallback(self._build_all)
+        loss, grad = objective._all_sum_pair(*self._with_fallback(self._build_all), "the loss and gradient")
+        self.loss, self.grad = _finite(loss, "loss", self.theta), _finite(grad, "gradient", self.theta)
 
     def _build_all(self) -> tuple[Tensor, Tensor]:
+        """This rank's loss and gradient (not yet summed over ranks, nor checked finite: a NaN
+        must reach every rank through the sum, so all of them raise the same error)."""
         obj = self.objective
         loss = torch.zeros((), dtype=obj.dtype, device=obj.device)
         grad = torch.zeros_like(self.theta)
@@ -481,7 +587,7 @@ class GradientGraph:
             grad += g.detach()
             if self._keep:
                 self._graphs.append((leaf, g))
-        return _finite(loss, "loss", self.theta), _finite(grad, "gradient", self.theta)
+        return loss, grad
 
     def _build(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         obj = self.objective
@@ -570,6 +676,7 @@ class GradientGraph:
         if vs.dtype != obj.dtype or vs.device != obj.device:
             raise ThetaError(f"vs must be {obj.dtype} on {obj.device}, got {vs.dtype} on {vs.device}")
         out = self._with_fallback(lambda: self._products(vs), rebuild=True)
+        out = obj._all_sum(out, "a Hessian-vector product")
         self.hvp_count += vs.shape[0]
         return out
 
@@ -612,6 +719,27 @@ def _fingerprint(batches: list[Batch]) -> str:
         feed(batch.inputs)
         feed(batch.targets)
     return digest.hexdigest()[:16]
+
+
+def _fingerprint_int(fingerprint: str) -> int:
+    """A 16-hex-digit fingerprint as a signed 64-bit int (to travel in an int64 tensor)."""
+    value = int(fingerprint, 16)
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _use_distributed(distributed: bool | None) -> bool:
+    """Resolve ``from_model``'s ``distributed`` argument against the process's state."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise InvalidInputError(f"distributed must be True, False or None, got {distributed!r}")
+    if distributed is False:
+        return False
+    active = dist_helpers.is_distributed()
+    if distributed and not active:
+        raise DistributedError(
+            "distributed=True but no torch.distributed process group is initialised; launch with torchrun "
+            "and call saddlescope.distributed.init_from_env() (or torch.distributed.init_process_group) first"
+        )
+    return active
 
 
 def _lacks_double_backward(exc: BaseException) -> bool:

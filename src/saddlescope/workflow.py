@@ -8,8 +8,9 @@ This is the interface layer: it may use everything below it, including :mod:`sad
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from saddlescope.critical import CriticalPoint
 from saddlescope.critical import analyze as analyze_point
 from saddlescope.curvature.blocks import BlockReport, per_block
+from saddlescope.distributed import init_from_env, is_main_process, rank, world_size
 from saddlescope.errors import InvalidInputError, TooLargeError
 from saddlescope.loading import (
     CheckpointInfo,
@@ -34,6 +36,26 @@ from saddlescope.objective import Objective
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 METHODS = {"auto": None, "exact": True, "lanczos": False}
+
+
+class RankShard:
+    """Every ``world_size``-th batch of ``data``, starting at ``rank``: this process's shard.
+
+    Whole batches go to ranks, so the objective's sample weighting (and its all-reduce) gives exactly
+    the full-data loss whatever the batch sizes. Re-iterable when ``data`` is (a list, a DataLoader).
+    """
+
+    def __init__(self, data: Iterable[Any], rank: int, world_size: int) -> None:
+        if _is_single_pair(data):
+            data = [data]
+        self.data, self.rank, self.world_size = data, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.rank, None, self.world_size)
+
+
+def _is_single_pair(data: Any) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (Tensor, Mapping))
 
 
 @dataclass
@@ -95,6 +117,7 @@ def analyze_model(
     rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
+    shard: bool = True,
     out: str | os.PathLike[str] | None = None,
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -117,6 +140,10 @@ def analyze_model(
         by: also per-block curvature: ``"module"`` or ``"parameter"``.
         grad_tol, rtol, atol: tolerances (default by dtype).
         seed: for every random choice; recorded.
+        shard: under ``torchrun`` (``WORLD_SIZE`` > 1), give rank ``r`` of ``W`` the batches
+            ``r, r + W, r + 2W, ...`` (:class:`RankShard`); the all-reduced objective then equals the
+            one-process objective on all the data. ``False`` when ``data`` already is this rank's
+            shard (e.g. a DataLoader with a ``DistributedSampler``).
         out: folder for the report (HTML, JSON, PNGs); None writes nothing.
         command: the command line, recorded in the report.
         progress: ``progress(stage, done, total)`` during long stages.
@@ -141,6 +168,8 @@ def analyze_model(
     if isinstance(data, str):
         data = import_object(data, what="--data")
     batches = build_data(data, data_kwargs)
+    if init_from_env() and shard:
+        batches = RankShard(batches, rank(), world_size())
     info = load_checkpoint(module, checkpoint) if checkpoint is not None else None
 
     objective = model_objective(module, batches, loss, dtype=dtype, device=device, max_batches=max_batches)
@@ -175,5 +204,6 @@ def write_model_report(result: ModelAnalysis, out: str | os.PathLike[str], *, co
     named.update({f"png_{name}": str(path) for name, path in files.pngs.items()})
     named["json"] = str(Path(out) / "analysis.json")
     result.files = named
-    write_json(named["json"], result.to_dict())
+    if is_main_process():  # under torch.distributed, rank 0 alone writes
+        write_json(named["json"], result.to_dict())
     return named

@@ -51,6 +51,7 @@ from torch import Tensor
 from saddlescope.atomic import atomic_write_text
 from saddlescope.critical import CriticalPoint
 from saddlescope.curvature.blocks import BlockReport
+from saddlescope.distributed import is_main_process
 from saddlescope.curvature.density import SpectralDensity, spectral_density
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError, ThetaError
@@ -219,10 +220,14 @@ def write_report(
     payload["figures"] = [fig_id for fig_id, _ in figures]
     payload["notes"] = notes
 
+    html_path, json_path = folder / "report.html", folder / "report.json"
+    if objective is not None and objective.sharded and not is_main_process():
+        # torch.distributed: every rank took part in the sums above; rank 0 alone writes the files.
+        return ReportFiles(html=html_path, json=json_path, pngs={}, figures=list(payload["figures"]),
+                           notes=list(notes), seconds=time.perf_counter() - start)
     folder.mkdir(parents=True, exist_ok=True)
     pngs = _write_pngs(folder, cp, payload, spectral, plane, line, blocks)
     tracker.advance("files", 3)
-    html_path, json_path = folder / "report.html", folder / "report.json"
     payload["files"] = {"html": html_path.name, "json": json_path.name,
                         "pngs": {name: path.name for name, path in pngs.items()}}
     payload["seconds"] = time.perf_counter() - start
