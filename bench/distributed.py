@@ -174,8 +174,8 @@ def main() -> None:
         "(all-reduce included); eigs: `ss.eigs(op, 5, \"largest\")` at its default tolerance. Medians of "
         f"{args.repeats} launches of each case; the slowest rank's time counts. Speed-up: 1 proc x 1 thread over "
         "the case, same samples. `|dlambda|`: the largest difference of the top-5 eigenvalues from the "
-        f"1-process run. Measured on a shared {os.cpu_count()}-core CPU machine that other jobs were using at "
-        "the same time, so the ratios are indicative, not precise.",
+        f"1-process run. Measured on a {os.cpu_count()}-core CPU machine; such machines are noisy, so the "
+        "ratios are indicative, not precise.",
         "",
         "With 2 processes, `of which` splits a product: the rank's half of the data alone (no all-reduce) + one "
         "all-reduce of the n numbers alone (slowest rank, medians).",
