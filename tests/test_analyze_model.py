@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 import saddlescope as ss
 from saddlescope import errors, examples
-from saddlescope.loading import import_object, load_checkpoint, read_state_dict
+from saddlescope.loading import import_object, load_checkpoint, read_state_dict, resolve_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
 USER = str(FIXTURES / "user_models.py")
@@ -146,6 +146,11 @@ def test_hugging_face_gpt2_from_config_with_dict_inputs():
     assert result.point.loss == pytest.approx(reference, rel=1e-6)
     assert result.point.method == "lanczos" and result.point.kind == "not_critical"
     assert result.point.lambda_max > 0 and result.objective.description["loss"] == "lm"
+    # Targets that are the input tokens: "auto" must not pick unshifted cross-entropy.
+    assert resolve_loss("auto", model, batches[0])[1] == "lm"
+    generator = (batch for batch in batches)  # a one-shot iterator is read once and kept
+    assert ss.analyze_model(model, generator, dtype="float64", method="lanczos", k=1).point.loss == pytest.approx(
+        result.point.loss, rel=1e-12)
 
 
 def test_lightning_module_is_differentiated_through_its_training_step():

@@ -310,9 +310,9 @@ def resolve_loss(loss: str | Callable[[Any, Any], Tensor], model: nn.Module | No
         ``model``: the model computes its own loss (``outputs.loss``, ``outputs["loss"]``, or a scalar
         output), e.g. a Hugging Face model given ``labels`` in its inputs.
         ``lightning``: a LightningModule's ``training_step`` (see :func:`model_objective`).
-        ``auto``: ``lightning`` for a LightningModule; ``model`` when the outputs carry a loss;
-        else ``cross_entropy`` for integer targets and ``mse`` for floating ones (``sample`` is one
-        raw batch, used to decide).
+        ``auto``: ``lightning`` for a LightningModule; ``model`` for batches without targets; ``lm``
+        when the targets are the inputs' ``input_ids``; else ``cross_entropy`` for integer targets and
+        ``mse`` for floating ones (``sample`` is one raw batch, used to decide).
     """
     if callable(loss) and not isinstance(loss, str):
         return loss, getattr(loss, "__name__", type(loss).__name__)
@@ -332,9 +332,15 @@ def resolve_loss(loss: str | Callable[[Any, Any], Tensor], model: nn.Module | No
 def _auto_loss(model: nn.Module | None, sample: Any) -> str:
     if model is not None and _is_lightning(model):
         return "lightning"
-    targets = sample[1] if isinstance(sample, (tuple, list)) and len(sample) == 2 else None
+    pair = isinstance(sample, (tuple, list)) and len(sample) == 2
+    inputs, targets = (sample[0], sample[1]) if pair else (None, None)
     if targets is None:
         return "model"
+    tokens = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    if isinstance(tokens, Tensor) and isinstance(targets, Tensor) and torch.equal(tokens, targets):
+        # Targets that are the inputs' own tokens: a language model, trained to predict the next one
+        # (unshifted cross-entropy would score copying the current token).
+        return "lm"
     if isinstance(targets, Tensor):
         return "mse" if targets.is_floating_point() else "cross_entropy"
     raise InvalidInputError("cannot choose a loss for these targets "
@@ -448,10 +454,7 @@ def first_batch(data: Any) -> Any:
         return data
     if isinstance(data, (tuple, list)):
         return data[0] if data else None
-    if isinstance(data, Iterable):
-        if iter(data) is data:
-            raise InvalidInputError("the data is a one-shot iterator; return a DataLoader or a list of batches "
-                                    "so it can be read more than once")
+    if isinstance(data, Iterable) and iter(data) is not data:
         return next(iter(data), None)
     return None
 
@@ -473,6 +476,8 @@ def model_objective(
 
     The chosen loss is recorded in ``objective.description["loss"]``.
     """
+    if isinstance(data, Iterator):  # a one-shot iterator (a generator): read it once, keep the batches
+        data = list(data)
     sample = first_batch(data)
     loss_fn, name = resolve_loss(loss, model, sample)
     if name == "lightning":

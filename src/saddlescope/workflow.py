@@ -48,6 +48,8 @@ class RankShard:
     def __init__(self, data: Iterable[Any], rank: int, world_size: int) -> None:
         if _is_single_pair(data):
             data = [data]
+        elif isinstance(data, Iterator):  # one-shot: keep the batches, every pass must see them
+            data = list(data)
         self.data, self.rank, self.world_size = data, rank, world_size
 
     def __iter__(self) -> Iterator[Any]:
