@@ -347,12 +347,18 @@ def _auto_loss(model: nn.Module | None, sample: Any) -> str:
                             f"({type(targets).__name__}); pass --loss cross_entropy|mse|lm|model|pkg.mod:fn")
 
 
+def _field(outputs: Any, name: str) -> Any:
+    """``outputs.name`` or ``outputs[name]`` (Hugging Face outputs are both), else None."""
+    value = getattr(outputs, name, None)
+    if value is None and isinstance(outputs, Mapping):
+        value = outputs.get(name)
+    return value
+
+
 def _logits(outputs: Any) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
+    logits = _field(outputs, "logits")
     if not isinstance(logits, Tensor):
         raise InvalidInputError(f"the model returned {type(outputs).__name__} without logits; "
                                 "pass a loss function with --loss pkg.module:function")
@@ -383,9 +389,7 @@ def _mse(outputs: Any, targets: Tensor) -> Tensor:
 def _own_loss(outputs: Any, targets: Any) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs
-    value = getattr(outputs, "loss", None)
-    if value is None and isinstance(outputs, Mapping):
-        value = outputs.get("loss")
+    value = _field(outputs, "loss")
     if not isinstance(value, Tensor):
         raise InvalidInputError(f"--loss model: the model's output ({type(outputs).__name__}) carries no loss; "
                                 "give the model its labels in the inputs, or choose another --loss")
