@@ -30,7 +30,6 @@ the same study again skips finished runs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 from saddlescope.critical import analyze
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import LABELS, find_critical_point
-from saddlescope.experiments.workers import imap_tasks, one_thread, study_progress
+from saddlescope.experiments.workers import complete_runs, imap_tasks, one_thread
 from saddlescope.experiments.records import RecordStore, atomic_write_json
 from saddlescope.objective import Objective
 from saddlescope.problems.digits import ACTIVATIONS, load_digits_tensors, mlp
@@ -542,19 +541,14 @@ def min_ratio(
     start = time.perf_counter()
     store = RecordStore(out)
     store.bind(_study_key(config, seed))
-    store.clean_temporary()
     wanted = set(range(n_networks))
-    done = store.completed() & wanted
-    todo = sorted(wanted - done)
-    with _progress_bar(progress, len(wanted), len(done)) as advance:
-        for record in _compute(config, seed, todo, workers):
-            store.write(record["run_id"], record)
-            advance(record)
+    todo, done = complete_runs(store, wanted, lambda ids: _compute(config, seed, ids, workers), progress=progress,
+                               title="min-ratio study", labels=lambda record: {record["label"]: 1})
     records = store.load(wanted)
     summary = summarize(records)
     study = MinRatioStudy(
         out=Path(out), n_networks=n_networks, seed=seed, config=config, records=records, summary=summary,
-        computed=todo, skipped=sorted(done), seconds=time.perf_counter() - start, workers=workers,
+        computed=todo, skipped=done, seconds=time.perf_counter() - start, workers=workers,
     )
     atomic_write_json(Path(out) / "summary.json", study.to_dict())
     return study
@@ -568,7 +562,3 @@ def _compute(config: MinRatioConfig, seed: int, todo: list[int], workers: int) -
 def _worker_run(task: tuple[MinRatioConfig, int, int]) -> dict[str, Any]:
     config, seed, run_id = task
     return run_network(config, seed, run_id)
-
-
-def _progress_bar(show: bool, total: int, done: int) -> contextlib.AbstractContextManager[Any]:
-    return study_progress(show, total, done, title="min-ratio study", labels=lambda record: {record["label"]: 1})

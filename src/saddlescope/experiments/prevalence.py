@@ -98,7 +98,6 @@ depend on the grid.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -115,7 +114,7 @@ from saddlescope.curvature.exact import exact_spectrum
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import find_critical_point
 from saddlescope.experiments.records import RecordStore, atomic_write_json, json_restore, json_safe
-from saddlescope.experiments.workers import imap_tasks, one_thread, study_progress
+from saddlescope.experiments.workers import complete_runs, imap_tasks, one_thread
 from saddlescope.objective import Objective
 from saddlescope.tolerances import default_tolerances
 
@@ -763,20 +762,17 @@ def prevalence_study(
     start = time.perf_counter()
     store = RecordStore(out)
     store.bind({"study": "prevalence", "seed": seed, "search": config.search_key()})
-    store.clean_temporary()
     tasks = {run_id_of(*cell): cell for cell in _grid(config)}
-    done = store.completed() & set(tasks)
-    todo = sorted(set(tasks) - done)
-    with _progress_bar(progress, len(tasks), len(done)) as advance:
-        for record in _compute(config, seed, [(run_id, *tasks[run_id]) for run_id in todo], workers):
-            store.write(record["run_id"], record)
-            advance(record)
+    todo, done = complete_runs(
+        store, set(tasks), lambda ids: _compute(config, seed, [(run_id, *tasks[run_id]) for run_id in ids], workers),
+        progress=progress, title="prevalence study", labels=lambda record: record["labels"],
+    )
     records = store.load(set(tasks))
     theory = _theory(Path(out), config, seed)
     rows = summarize_prevalence(records, config, theory)
     fits = [index_loss_fit(records, family) for family in config.families]
     study = PrevalenceStudy(out=Path(out), seed=seed, config=config, records=records, rows=rows, fits=fits,
-                            theory=theory, computed=todo, skipped=sorted(done),
+                            theory=theory, computed=todo, skipped=done,
                             seconds=time.perf_counter() - start, workers=workers)
     atomic_write_json(Path(out) / "summary.json", json_safe(study.to_dict()))
     return study
@@ -796,7 +792,3 @@ def _compute(config: PrevalenceConfig, seed: int, todo: list[Task], workers: int
 def _worker_run(job: tuple[PrevalenceConfig, int, Task]) -> dict[str, Any]:
     config, seed, (run_id, family, n, instance) = job
     return {**run_instance(config, seed, family, n, instance), "run_id": run_id}
-
-
-def _progress_bar(show: bool, total: int, done: int) -> contextlib.AbstractContextManager[Any]:
-    return study_progress(show, total, done, title="prevalence study", labels=lambda record: record["labels"])

@@ -618,33 +618,19 @@ def _names(value: str | Iterable[Any] | None, default: Sequence[str]) -> list[An
     return items
 
 
-def _resolve_problems(problems: Any) -> list[RaceProblem]:
+def _resolve(items: Any, default: Sequence[str], kind: type, lookup: Callable[[str], Any], what: str) -> list[Any]:
+    """Names or instances of ``kind`` (a RaceProblem or RaceOptimizer) as instances, each at most once."""
     out = []
-    for p in _names(problems, DEFAULT_PROBLEMS):
-        if isinstance(p, RaceProblem):
-            out.append(p)
-        elif isinstance(p, str):
-            out.append(get_problem(p))
+    for item in _names(items, default):
+        if isinstance(item, kind):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(lookup(item))
         else:
-            raise InvalidInputError(f"a problem must be a name or a RaceProblem, got {type(p).__name__}")
-    names = [p.name for p in out]
+            raise InvalidInputError(f"a {what} must be a name or a {kind.__name__}, got {type(item).__name__}")
+    names = [item.name for item in out]
     if len(set(names)) != len(names):
-        raise InvalidInputError(f"problems named twice: {names}")
-    return out
-
-
-def _resolve_optimizers(optimizers: Any) -> list[RaceOptimizer]:
-    out = []
-    for o in _names(optimizers, DEFAULT_OPTIMIZERS):
-        if isinstance(o, RaceOptimizer):
-            out.append(o)
-        elif isinstance(o, str):
-            out.append(get_optimizer(o))
-        else:
-            raise InvalidInputError(f"an optimizer must be a name or a RaceOptimizer, got {type(o).__name__}")
-    names = [o.name for o in out]
-    if len(set(names)) != len(names):
-        raise InvalidInputError(f"optimizers named twice: {names}")
+        raise InvalidInputError(f"{what}s named twice: {names}")
     return out
 
 
@@ -740,8 +726,8 @@ def race(
         InvalidInputError: an unknown problem or optimizer, or a bad seed, grid, cap or count.
     """
     started = time.perf_counter()
-    problem_list = _resolve_problems(problems)
-    optimizer_list = _resolve_optimizers(optimizers)
+    problem_list = _resolve(problems, DEFAULT_PROBLEMS, RaceProblem, get_problem, "problem")
+    optimizer_list = _resolve(optimizers, DEFAULT_OPTIMIZERS, RaceOptimizer, get_optimizer, "optimizer")
     seed_list = _seeds(seeds)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise InvalidInputError(f"max_steps must be an int >= 1, got {max_steps!r}")

@@ -7,10 +7,12 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+
+from saddlescope.experiments.records import RecordStore
 
 T = TypeVar("T")
 
@@ -98,3 +100,25 @@ def study_progress(show: bool, total: int, done: int, *, title: str,
             bar.update(task, advance=1, labels=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
         yield advance
+
+
+def complete_runs(
+    store: RecordStore,
+    wanted: set[int],
+    compute: Callable[[list[int]], Iterable[dict[str, Any]]],
+    *,
+    progress: bool,
+    title: str,
+    labels: Callable[[dict[str, Any]], dict[str, int]],
+) -> tuple[list[int], list[int]]:
+    """Compute the runs of ``wanted`` that ``store`` does not hold yet, writing each record the moment
+    it arrives (so a kill loses only the runs in flight). ``compute(todo)`` yields records with a
+    ``"run_id"``. Returns the run ids computed now and those found finished."""
+    store.clean_temporary()
+    done = store.completed() & wanted
+    todo = sorted(wanted - done)
+    with study_progress(progress, len(wanted), len(done), title=title, labels=labels) as advance:
+        for record in compute(todo):
+            store.write(record["run_id"], record)
+            advance(record)
+    return todo, sorted(done)
