@@ -27,6 +27,7 @@ Tolerance defaults depend on the dtype (see :data:`DEFAULT_TOLERANCES`) and are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,9 +43,13 @@ from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+from saddlescope.quantity import Quantity
 from saddlescope.tolerances import DEFAULT_TOLERANCES, default_tolerances, precision_bound
 
-__all__ = ["DEFAULT_TOLERANCES", "CriticalPoint", "ProbeResult", "Tolerances", "analyze", "default_tolerances"]
+__all__ = [
+    "DEFAULT_TOLERANCES", "CriticalPoint", "ProbeResult", "Tolerances", "analyze", "default_tolerances",
+    "sharpen_escape",
+]
 
 KINDS = ("minimum", "maximum", "saddle", "degenerate", "inconclusive", "not_critical")
 
@@ -143,8 +148,9 @@ class CriticalPoint:
         reason: one sentence saying why.
         loss, grad_norm: at ``theta``.
         eigenvalues: ascending.
-        n_negative, n_zero, n_positive: counts under the zero threshold (iterative path: rounded
-            from ``index_estimate``, whose "zero" band is its resolution ``delta``).
+        n_negative, n_zero, n_positive: counts under the zero threshold; None on the iterative path
+            unless the verdict proves them (an estimate gives fractions with an interval, in
+            ``quantities``, never integer counts).
         min_ratio: ``n_positive / n``; index: ``n_negative / n`` (iterative path: the estimate; NaN
             when not estimated).
         escape_direction: unit vector of strictly negative curvature (the most negative eigenvector,
@@ -158,6 +164,15 @@ class CriticalPoint:
         dtype: the model's precision (products, gradient); eigensolver_dtype: the precision of the
             eigendecomposition (the Lanczos recurrence on the iterative path).
         notes: what the computation had to work around (e.g. the math attention kernel).
+        quantities: what each headline number is (:class:`~saddlescope.quantity.Quantity`: exact, a
+            bound and its side, an interval, or an estimate with its error): ``lambda_min``,
+            ``lambda_max``, ``index``, ``min_ratio`` and the fractions ``negative``, ``zero``,
+            ``positive``.
+        residuals, converged: iterative path: each Ritz value's true residual ``||Hv - theta v||``
+            (an eigenvalue lies within it) and whether it met the tolerance, aligned with ``eigenvalues``.
+        escape_sharpening: what :func:`sharpen_escape` did to a certificate's direction (None if
+            it was not asked): the certificate's and the new direction's curvature, the bound on
+            lambda_min and the fraction of it the direction reaches, products spent.
     """
 
     kind: str
@@ -168,9 +183,9 @@ class CriticalPoint:
     grad_norm: float
     eigenvalues: Tensor
     n_params: int
-    n_negative: int
-    n_zero: int
-    n_positive: int
+    n_negative: int | None
+    n_zero: int | None
+    n_positive: int | None
     min_ratio: float
     index: float
     escape_direction: Tensor | None
@@ -189,6 +204,10 @@ class CriticalPoint:
     index_estimate: IndexEstimate | None = None
     eigensolver_dtype: str = "torch.float64"
     notes: list[str] = field(default_factory=list)
+    quantities: dict[str, Quantity] = field(default_factory=dict)
+    residuals: Tensor | None = None
+    converged: Tensor | None = None
+    escape_sharpening: dict[str, Any] | None = None
 
     @property
     def lambda_min(self) -> float:
@@ -245,6 +264,10 @@ class CriticalPoint:
             "lanczos": self.lanczos,
             "index_estimate": None if self.index_estimate is None else self.index_estimate.to_dict(),
             "eigenvalues": self.eigenvalues.tolist(),
+            "eigenvalue_residuals": None if self.residuals is None else self.residuals.tolist(),
+            "eigenvalues_converged": None if self.converged is None else self.converged.tolist(),
+            "quantities": {name: q.to_dict() for name, q in self.quantities.items()},
+            "escape_sharpening": self.escape_sharpening,
         }
         if vectors:
             out["theta"] = self.theta.tolist()
@@ -261,7 +284,6 @@ class CriticalPoint:
             f"loss {self.loss:.6g}   |grad| {self.grad_norm:.3g}   n = {self.n_params}   "
             f"method {self.method}, {self.hvp_count} HVPs",
         ]
-        est = self.index_estimate
         if self.method == "exact":
             lines.append(
                 f"eigenvalues: min {self.lambda_min:.4g}, max {self.lambda_max:.4g}; "
@@ -270,18 +292,19 @@ class CriticalPoint:
             )
             lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
         else:
-            lines.append(
-                f"eigenvalues computed: {self.eigenvalues.numel()}, min {self.lambda_min:.4g}, max "
-                f"{self.lambda_max:.4g} (zero threshold {self.tolerances.zero_threshold:.3g})"
-            )
+            q = self.quantities
+            converged = "" if self.converged is None else f", {int(self.converged.sum())} converged"
+            lines.append(f"Ritz values computed: {self.eigenvalues.numel()}{converged} "
+                         f"(zero threshold {self.tolerances.zero_threshold:.3g})")
+            for name in ("lambda_min", "lambda_max"):
+                if name in q:
+                    lines.append(f"{name} {q[name].text()}: {q[name].basis}")
+            est = self.index_estimate
             if est is not None:
-                lines.append(
-                    f"estimated at resolution {est.delta:.3g}: index {est.value:.3f} +- {est.error:.3f}, "
-                    f"min ratio {est.min_ratio:.3f} +- {est.min_ratio_error:.3f}, "
-                    f"unresolved {est.within:.3f}"
-                )
-            else:
-                lines.append(f"min ratio {self.min_ratio:.4f}   index {self.index:.4f}")
+                lines.append(f"at resolution delta = {est.delta:.3g} ({est.n_probes} probes x {est.steps} steps):")
+            for name in ("index", "min_ratio", "zero"):
+                if name in q:
+                    lines.append(f"{'unresolved' if name == 'zero' else name} {q[name].text('.3f')}: {q[name].basis}")
         if self.dtype != self.eigensolver_dtype:
             lines.append(f"precision: model {self.dtype}, eigensolver {self.eigensolver_dtype}")
         lines.extend(f"note: {note}" for note in self.notes)
@@ -434,12 +457,13 @@ def _analyze_exact(
     tolerances = Tolerances(grad_tol, rtol, atol, threshold, radii)
     n = vals.numel()
 
+    rounding = precision_bound(objective.dtype, scale)
     probe_result = None
     escape_dir, escape_curv = None, None
     if n_neg:
         escape_dir = _descent_sign(vecs[:, 0].clone(), grad)
         escape_curv = float(vals[0])
-
+    hvps = 0
     if grad_norm > grad_tol:
         kind, resolved_by, reason = _not_critical(grad_norm, grad_tol, float(vals[0]) if n_neg else None)
     elif curvature_kind != "degenerate":
@@ -449,18 +473,38 @@ def _analyze_exact(
             "minimum": f"all {n} eigenvalues > {threshold:.3g}",
             "maximum": f"all {n} eigenvalues < -{threshold:.3g}",
         }[curvature_kind]
-    elif not probe:
-        kind, resolved_by = "degenerate", "unresolved"
-        reason = f"{n_zero} zero eigenvalues and probing is off: the second-order test is inconclusive"
     else:
-        probe_result = probe_null_space(
-            objective, theta, float(loss), vals, vecs, threshold, radii, grad=grad,
-            n_random=n_random_probes, max_directions=max_probe_directions, seed=seed,
-        )
-        kind, reason = _probe_verdict(probe_result, n_neg, n_pos)
-        resolved_by = "unresolved" if kind == "degenerate" else "probe"
-        if kind == "saddle" and escape_dir is None:
-            escape_dir = probe_result.direction
+        # Inside the zero band: an eigenvalue beyond rounding, whose sign a product confirms, still
+        # rules out the extremum of the opposite sign (item 1 of the module docstring).
+        below = _band_curvature(objective, theta, grad, vals, vecs, threshold, rounding, -1.0) if not n_neg else None
+        above = _band_curvature(objective, theta, grad, vals, vecs, threshold, rounding, +1.0) if not n_pos else None
+        hvps = sum(c.hvps for c in (below, above) if c is not None)
+        not_min = bool(n_neg) or (below is not None and below.confirmed)
+        not_max = bool(n_pos) or (above is not None and above.confirmed)
+        if below is not None and below.confirmed:
+            escape_dir, escape_curv = _descent_sign(below.direction.clone(), grad), below.curvature
+        if not_min and not_max:
+            kind, resolved_by = "saddle", "certificate"
+            reason = _band_reason(below, above, n_neg, n_pos, threshold, rounding)
+        elif not probe:
+            kind, resolved_by = "degenerate", "unresolved"
+            reason = f"{n_zero} zero eigenvalues and probing is off: the second-order test is inconclusive"
+            reason += _band_note(below, above, rounding)
+        else:
+            probe_result = probe_null_space(
+                objective, theta, float(loss), vals, vecs, threshold, radii, grad=grad,
+                n_random=n_random_probes, max_directions=max_probe_directions, seed=seed,
+                skip_decrease=not_min, skip_increase=not_max,
+            )
+            kind, reason = _probe_verdict(probe_result, not_min, not_max)
+            if (kind == "saddle" and not (probe_result.found_decrease and probe_result.found_increase)
+                    and (below is not None and below.confirmed or above is not None and above.confirmed)):
+                reason += "; " + _band_reason(below, above, n_neg, n_pos, threshold, rounding)
+            else:
+                reason += _band_note(below, above, rounding)
+            resolved_by = "unresolved" if kind == "degenerate" else "probe"
+            if kind == "saddle" and escape_dir is None:
+                escape_dir = probe_result.direction
 
     top = vecs[:, -1].clone()
     return CriticalPoint(
@@ -487,9 +531,10 @@ def _analyze_exact(
         mode=objective.mode,
         dtype=str(objective.dtype),
         seed=seed,
-        hvp_count=spectrum.hvp_count,
+        hvp_count=spectrum.hvp_count + hvps,
         seconds={**spectrum.seconds, "total": time.perf_counter() - start},
         eigensolver_dtype=str(eigh_dtype(objective.dtype)),
+        quantities=_exact_quantities(vals, n_neg, n_zero, n_pos, rounding, threshold),
     )
 
 
@@ -568,6 +613,7 @@ def _analyze_iterative(
     has_neg = tb < -threshold
     curvature_kind, reason = _iterative_kind(
         tb, rb, conv_b, tt, rt, conv_t, threshold, bottom.stopped_early, bottom.hvp_count,
+        precision_bound(objective.dtype, scale),
     )
 
     estimate = None
@@ -581,14 +627,10 @@ def _analyze_iterative(
         estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2)
         seconds["index"] = time.perf_counter() - t0
         index, min_ratio = estimate.value, estimate.min_ratio
-    if estimate is not None:
-        n_neg = min(n, round(estimate.value * n))
-        n_pos = min(n - n_neg, round(estimate.min_ratio * n))
-        n_zero = n - n_neg - n_pos
-    else:
-        n_neg = n if index == 1.0 else 0
-        n_pos = n if min_ratio == 1.0 else 0
-        n_zero = n - n_neg - n_pos
+    # Counts only where the verdict proves them; an estimate stays a fraction with its interval.
+    n_neg: int | None = {"minimum": 0, "maximum": n}.get(curvature_kind)
+    n_pos: int | None = None if n_neg is None else n - n_neg
+    n_zero: int | None = None if n_neg is None else 0
 
     escape_dir, escape_curv = None, None
     if has_neg:
@@ -605,8 +647,10 @@ def _analyze_iterative(
             "degenerate": "unresolved",
             "inconclusive": "unresolved",
         }[curvature_kind]
-    both = torch.cat([bottom.eigenvalues, top.eigenvalues]) if n > 1 else bottom.eigenvalues
-    vals = torch.sort(both.to(torch.float64).cpu()).values
+    runs = (bottom, top) if n > 1 else (bottom,)
+    vals, order = torch.sort(torch.cat([r.eigenvalues.to(torch.float64).cpu() for r in runs]))
+    residuals = torch.cat([r.residuals.to(torch.float64).cpu() for r in runs])[order]
+    converged = torch.cat([r.converged.cpu() for r in runs])[order]
     seconds["total"] = time.perf_counter() - start
     return CriticalPoint(
         kind=kind,
@@ -636,12 +680,143 @@ def _analyze_iterative(
         lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
         index_estimate=estimate,
         eigensolver_dtype=bottom.dtype,
+        quantities=_iterative_quantities(bottom, top, curvature_kind, estimate),
+        residuals=residuals,
+        converged=converged,
+    )
+
+
+def _exact_quantities(
+    vals: Tensor, n_neg: int, n_zero: int, n_pos: int, rounding: float, threshold: float,
+) -> dict[str, Quantity]:
+    """The exact path's numbers: eigenvalues exact up to the products' rounding, counts exact."""
+    n = vals.numel()
+    eig = "an eigenvalue of the dense Hessian (to the products' rounding)"
+    counted = f"counted over the whole spectrum; zero means |lambda| <= {threshold:.3g}"
+    return {
+        "lambda_min": Quantity.exact(float(vals[0]), rounding, eig),
+        "lambda_max": Quantity.exact(float(vals[-1]), rounding, eig),
+        "index": Quantity.exact(n_neg / n, basis=counted),
+        "min_ratio": Quantity.exact(n_pos / n, basis=counted),
+        "negative": Quantity.exact(n_neg / n, basis=counted),
+        "zero": Quantity.exact(n_zero / n, basis=counted),
+        "positive": Quantity.exact(n_pos / n, basis=counted),
+    }
+
+
+def _iterative_quantities(
+    bottom: Any, top: Any, curvature_kind: str, estimate: IndexEstimate | None,
+) -> dict[str, Quantity]:
+    r"""The iterative path's numbers, each as what it is.
+
+    A Ritz value is a Rayleigh quotient, so :math:`\lambda_{min} \le \theta_b` and
+    :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair adds the residual bound on the
+    other side (an interval). The fractions are the quadrature's estimates with their error bars,
+    unless the verdict proves them (a minimum has no eigenvalue at or below the zero threshold).
+    """
+    tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
+    tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
+    out: dict[str, Quantity] = {}
+    if conv_b:
+        out["lambda_min"] = Quantity.interval(tb, tb - rb, tb, f"converged bottom Ritz pair (residual {rb:.2g})")
+    else:
+        why = ("the first confirmed negative Rayleigh quotient (a certificate); lambda_min may lie far below"
+               if bottom.stopped_early else f"an unconverged Ritz value (residual {rb:.2g}), a Rayleigh quotient")
+        out["lambda_min"] = Quantity.upper_bound(tb, why)
+    if conv_t:
+        out["lambda_max"] = Quantity.interval(tt, tt, tt + rt, f"converged top Ritz pair (residual {rt:.2g})")
+    else:
+        out["lambda_max"] = Quantity.lower_bound(tt, f"an unconverged Ritz value (residual {rt:.2g}), a Rayleigh quotient")
+    proved = {"minimum": (0.0, 0.0, 1.0), "maximum": (1.0, 0.0, 0.0)}.get(curvature_kind)
+    if proved is not None:
+        why = f"proved by the verdict ({curvature_kind}: no eigenvalue within the zero threshold)"
+        neg, zero, pos = (Quantity.exact(x, basis=why) for x in proved)
+    elif estimate is not None:
+        how = (f"stochastic Lanczos quadrature, {estimate.n_probes} probes x {estimate.steps} steps; "
+               f"error = 2 stderr + quadrature bracket")
+        neg = Quantity.estimate(estimate.value, estimate.error, f"fraction below -delta; {how}", (0.0, 1.0))
+        pos = Quantity.estimate(estimate.min_ratio, estimate.min_ratio_error, f"fraction above +delta; {how}",
+                                (0.0, 1.0))
+        within_error = 2 * estimate.within_stderr + estimate.quadrature_bound + estimate.min_ratio_quadrature_bound
+        zero = Quantity.estimate(estimate.within, within_error, f"fraction within +-delta (sign unresolved); {how}",
+                                 (0.0, 1.0))
+    else:
+        return out
+    out.update(index=neg, min_ratio=pos, negative=neg, zero=zero, positive=pos)
+    return out
+
+
+def sharpen_escape(
+    objective: Objective,
+    point: CriticalPoint,
+    *,
+    fraction: float = 0.5,
+    max_hvps: int = 300,
+) -> CriticalPoint:
+    r"""Turn a certificate's escape direction into one within ``fraction`` of :math:`\lambda_{min}`.
+
+    A saddle is proved by the first Rayleigh quotient below the zero threshold, but that direction can
+    be a poor escape (on an unconverged MLP: curvature -5.12 where lambda_min is -1849). Lanczos
+    restarted from it (the certificate vector is a good start: it already leans towards the bottom)
+    runs until the bottom Ritz pair :math:`(\theta, r)` satisfies :math:`\theta \le f(\theta - r)`,
+    i.e. :math:`r \le (1-f)|\theta|/f`: the direction's curvature :math:`\theta` is then at least
+    ``fraction`` of the lower bound :math:`\theta - r` on :math:`\lambda_{min}` (the bound holds when the
+    pair is the bottom one, Lanczos's premise from a start that is not orthogonal to it).
+
+    Points without a certificate (exact path, converged bottom pair, no negative curvature) are
+    returned unchanged. Otherwise a copy with the new ``escape_direction``, ``escape_curvature``,
+    ``lambda_min`` quantity and ``escape_sharpening`` record is returned; if the budget runs out the
+    best direction found is kept (never a worse one than the certificate's) and the record says the
+    fraction was not reached.
+
+    Args:
+        fraction: in (0, 1]: how close to lambda_min the direction's curvature must be.
+        max_hvps: product budget.
+    """
+    if not (0 < fraction <= 1):
+        raise InvalidInputError(f"fraction must be in (0, 1], got {fraction}")
+    if point.method != "lanczos" or point.escape_direction is None or point.escape_curvature is None:
+        return point
+    if point.converged is not None and bool(point.converged[0]):
+        return point  # already a converged bottom pair
+    op = HessianOperator(objective, point.theta.to(objective.dtype))
+    tol = (1 - fraction) / fraction if fraction < 1 else 0.0
+    bottom = eigs(op, 1, "smallest", tol=max(tol, 1e-12), relative_to="value", max_hvps=max_hvps,
+                  v0=point.escape_direction.to(objective.dtype), seed=point.seed + 3)
+    theta_b, resid = float(bottom.eigenvalues[0]), float(bottom.residuals[0])
+    reached = bool(bottom.converged[0]) and theta_b < 0
+    old = point.escape_curvature
+    record: dict[str, Any] = {
+        "certificate_curvature": old, "curvature": theta_b, "residual": resid,
+        "lambda_min_lower_bound": theta_b - resid if reached else None,
+        "fraction_of_lambda_min": theta_b / (theta_b - resid) if reached else None,
+        "fraction_asked": fraction, "reached": reached, "hvps": op.hvp_count,
+    }
+    if not theta_b < old:  # nothing better found: keep the certificate
+        record["curvature"] = old
+        return dataclasses.replace(point, escape_sharpening=record, hvp_count=point.hvp_count + op.hvp_count)
+    eigenvalues, residuals, converged = point.eigenvalues.clone(), point.residuals, point.converged
+    eigenvalues[0] = theta_b
+    if residuals is not None and converged is not None:
+        residuals, converged = residuals.clone(), converged.clone()
+        residuals[0], converged[0] = resid, reached
+    quantities = dict(point.quantities)
+    quantities["lambda_min"] = (
+        Quantity.interval(theta_b, theta_b - resid, theta_b, f"bottom Ritz pair sharpened for the escape (residual {resid:.2g})")
+        if reached else Quantity.upper_bound(theta_b, f"a Rayleigh quotient sharpened for the escape (residual {resid:.2g})")
+    )
+    grad = objective.grad(point.theta.to(objective.dtype))
+    return dataclasses.replace(
+        point,
+        eigenvalues=eigenvalues, residuals=residuals, converged=converged, quantities=quantities,
+        escape_direction=_descent_sign(bottom.eigenvectors[:, 0].to(objective.dtype).clone(), grad),
+        escape_curvature=theta_b, escape_sharpening=record, hvp_count=point.hvp_count + op.hvp_count,
     )
 
 
 def _iterative_kind(
     tb: float, rb: float, conv_b: bool, tt: float, rt: float, conv_t: bool,
-    thr: float, certificate: bool, bottom_hvps: int,
+    thr: float, certificate: bool, bottom_hvps: int, rounding: float,
 ) -> tuple[str, str]:
     """The curvature verdict from the extreme Ritz pairs (see :func:`_analyze_iterative`):
     bottom ``(tb, rb)``, top ``(tt, rt)``, zero threshold ``thr``."""
@@ -664,9 +839,14 @@ def _iterative_kind(
             + (f" (the bottom run spent {bottom_hvps})" if end == "lambda_min" else "")
         )
     if -thr <= lo and hi <= thr:
+        sign = ""
+        if end == "lambda_min" and hi < -rounding:
+            sign = f"; it is below -{rounding:.2g} (rounding): negative curvature, so not a minimum"
+        elif end == "lambda_max" and lo > rounding:
+            sign = f"; it is above {rounding:.2g} (rounding): positive curvature, so not a maximum"
         return "degenerate", (
             f"{end} is in [{lo:.3g}, {hi:.3g}], within the zero threshold {thr:.3g}: the second-order "
-            f"test is inconclusive (probing the null space needs the exact path)"
+            f"test is inconclusive (probing the null space needs the exact path){sign}"
         )
     return "inconclusive", f"{end} is in [{lo:.3g}, {hi:.3g}], which straddles the zero threshold {thr:.3g}"
 
@@ -680,11 +860,11 @@ def _descent_sign(u: Tensor, grad: Tensor) -> Tensor:
     return u
 
 
-def _probe_verdict(result: ProbeResult, n_neg: int, n_pos: int) -> tuple[str, str]:
-    """Combine what the probes saw with what the eigenvalues already say."""
-    # With negative eigenvalues present (and no positive) the point is not a minimum, and vice versa.
-    not_min = result.found_decrease or n_neg > 0
-    not_max = result.found_increase or n_pos > 0
+def _probe_verdict(result: ProbeResult, not_min: bool, not_max: bool) -> tuple[str, str]:
+    """Combine what the probes saw with what the eigenvalues already rule out (``not_min``: a
+    negative eigenvalue, or a confirmed one inside the zero band; ``not_max`` likewise)."""
+    not_min = result.found_decrease or not_min
+    not_max = result.found_increase or not_max
     radius = f"within the probed radii, null space of dimension {result.null_dim}"
     if not_min and not_max:
         what = "decrease" if result.found_decrease else "increase"
@@ -701,6 +881,96 @@ def _probe_verdict(result: ProbeResult, n_neg: int, n_pos: int) -> tuple[str, st
     return "minimum", f"degenerate; the loss does not decrease along the null directions{flat} ({radius})"
 
 
+@dataclass
+class BandCurvature:
+    """An eigenvalue inside the zero band but beyond rounding, checked by one product.
+
+    The zero threshold decides which eigenvalues the second-order test counts as zero (and so which
+    directions are probed). It is far above rounding (1e-9 against ~1e-14 of ``max|lambda|`` in
+    float64), so an eigenvalue such as -1e-12 is both "zero" for the test and *resolvably* negative:
+    the extremum of the other sign is then ruled out even when the fall it implies,
+    ``0.5 * lambda * r**2``, is below the loss's rounding at every probed radius ``r``.
+
+    At a point whose gradient is small but not zero, a tiny eigenvalue may be an artefact of being a
+    gradient's length away from the critical point (a valley of minima seen from just beside it).
+    So the curvature ``u^T H u`` along the eigenvector is recomputed by one Hessian-vector product
+    at the Newton-corrected point ``theta - sum_i (v_i^T g / lambda_i) v_i`` (the curved eigenpairs
+    only): it is the same point when ``g = 0``. The sign counts only when that product agrees.
+
+    Attributes:
+        eigenvalue: the eigenvalue from the dense eigendecomposition.
+        curvature: ``u^T H u`` from the product, at the corrected point.
+        direction: the unit eigenvector ``u``.
+        correction: ``|theta_c - theta|``, the Newton correction's length (0 when ``g = 0``).
+        rounding: the eigenvalues' rounding bound (:func:`saddlescope.tolerances.precision_bound`).
+        confirmed: ``|curvature| > rounding`` with the eigenvalue's sign: a certificate.
+        hvps: products spent (1).
+    """
+
+    eigenvalue: float
+    curvature: float
+    direction: Tensor
+    correction: float
+    rounding: float
+    confirmed: bool
+    hvps: int = 1
+
+    def describe(self) -> str:
+        where = "" if self.correction == 0 else f" at the Newton-corrected point ({self.correction:.2g} away)"
+        return f"u^T H u = {self.curvature:.3g}{where}"
+
+
+def _band_curvature(
+    objective: Objective, theta: Tensor, grad: Tensor, vals: Tensor, vecs: Tensor,
+    threshold: float, rounding: float, sign: float,
+) -> BandCurvature | None:
+    """The most negative (``sign=-1``) or most positive (``+1``) eigenvalue when it lies inside the
+    zero band yet beyond rounding, with its curvature confirmed by a product (see
+    :class:`BandCurvature`); None when there is no such eigenvalue."""
+    index = 0 if sign < 0 else -1
+    value = float(vals[index])
+    if not (rounding < sign * value <= threshold):
+        return None
+    u = vecs[:, index].to(theta.dtype)
+    curved = vals.abs() > threshold
+    basis = vecs[:, curved].to(theta.dtype)
+    step = -(basis @ ((basis.T @ grad) / vals[curved].to(theta.dtype))) if basis.shape[1] else torch.zeros_like(theta)
+    correction = float(step.norm())
+    point = theta if correction == 0 else theta + step
+    curvature = float(u.double() @ objective.hvp(point, u).double())
+    return BandCurvature(value, curvature, u, correction, rounding, sign * curvature > rounding)
+
+
+def _band_reason(
+    below: BandCurvature | None, above: BandCurvature | None, n_neg: int, n_pos: int,
+    threshold: float, rounding: float,
+) -> str:
+    """Why a point with a confirmed eigenvalue inside the zero band is a saddle."""
+    parts = []
+    for band, sign_word, end, extremum, count in ((below, "negative", "lambda_min", "minimum", n_neg),
+                                                  (above, "positive", "lambda_max", "maximum", n_pos)):
+        if band is not None and band.confirmed:
+            parts.append(
+                f"{end} = {band.eigenvalue:.3g} lies inside the zero threshold {threshold:.3g} but beyond "
+                f"the eigenvalues' rounding {rounding:.2g}, and a product confirms it ({band.describe()}): "
+                f"{sign_word} curvature, so not a {extremum}"
+            )
+        elif count:
+            parts.append(f"{count} {sign_word} eigenvalues beyond the zero threshold")
+    return "; ".join(parts)
+
+
+def _band_note(below: BandCurvature | None, above: BandCurvature | None, rounding: float) -> str:
+    """Say so when an eigenvalue beyond rounding was not confirmed by its product."""
+    notes = [
+        f"; {end} = {band.eigenvalue:.3g} is beyond rounding {rounding:.2g}, but {band.describe()} does "
+        "not confirm its sign (an effect of the small gradient)"
+        for band, end in ((below, "lambda_min"), (above, "lambda_max"))
+        if band is not None and not band.confirmed
+    ]
+    return "".join(notes)
+
+
 def probe_null_space(
     objective: Objective,
     theta: Tensor,
@@ -715,13 +985,16 @@ def probe_null_space(
     max_directions: int = 64,
     newton_steps: int = 40,
     seed: int = 0,
+    skip_decrease: bool = False,
+    skip_increase: bool = False,
 ) -> ProbeResult:
     """Probe the reduced loss along the null space of a degenerate point.
 
     Looking for a decrease (is it a minimum?) the loss is minimised over the positive-curvature
     subspace at each probe point; looking for an increase (a maximum?) it is maximised over the
-    negative-curvature subspace. Only tests that can change the verdict are run. ``grad`` is the
-    gradient at ``theta`` if the caller has it.
+    negative-curvature subspace. Only tests that can change the verdict are run: ``skip_decrease``
+    (``skip_increase``) when the caller already knows the point is not a minimum (maximum). ``grad``
+    is the gradient at ``theta`` if the caller has it.
     """
     null = eigenvalues.abs() <= threshold
     null_vecs = eigenvectors[:, null]
@@ -782,9 +1055,9 @@ def probe_null_space(
 
     found_dec, dec, dec_dir, flat_min = (False, 0.0, None, True)
     found_inc, inc, flat_max = False, 0.0, True
-    if not has_neg:  # could be a minimum: look for a decrease
+    if not (has_neg or skip_decrease):  # could be a minimum: look for a decrease
         found_dec, dec, dec_dir, flat_min = search(+1.0)
-    if not has_pos:  # could be a maximum: look for an increase
+    if not (has_pos or skip_increase):  # could be a maximum: look for an increase
         found_inc, inc, _, flat_max = search(-1.0)
     return ProbeResult(
         null_dim=null_dim,

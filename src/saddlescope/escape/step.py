@@ -16,12 +16,12 @@ the loss keeps falling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
-from saddlescope.critical import CriticalPoint
+from saddlescope.critical import CriticalPoint, sharpen_escape
 from saddlescope.errors import InvalidInputError, NotADescentPointError
 from saddlescope.objective import Objective
 
@@ -36,6 +36,9 @@ class EscapeStep:
         step_size: the length of the step (``direction`` has unit norm).
         direction: the unit direction taken (sign included).
         evaluations: loss evaluations spent by the line search.
+        curvature: ``u^T H u`` of the direction taken (None for a probe direction).
+        sharpening: what :func:`~saddlescope.critical.sharpen_escape` did to a certificate's
+            direction before the step (None when the point had none to sharpen).
     """
 
     theta: Tensor
@@ -44,6 +47,8 @@ class EscapeStep:
     step_size: float
     direction: Tensor
     evaluations: int
+    curvature: float | None = None
+    sharpening: dict[str, Any] | None = field(default=None)
 
     def to_dict(self, vectors: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -51,6 +56,8 @@ class EscapeStep:
             "loss_after": self.loss_after,
             "step_size": self.step_size,
             "evaluations": self.evaluations,
+            "curvature": self.curvature,
+            "sharpening": self.sharpening,
         }
         if vectors:
             out["theta"] = self.theta.tolist()
@@ -66,6 +73,8 @@ def escape(
     sufficient_decrease: float = 0.5,
     min_step: float = 1e-10,
     max_expansions: int = 8,
+    sharpen: float | None = 0.5,
+    sharpen_hvps: int = 300,
 ) -> EscapeStep:
     """Step away from ``point`` along its negative-curvature direction.
 
@@ -76,6 +85,10 @@ def escape(
         sufficient_decrease: the constant ``c`` in the sufficient-decrease condition.
         min_step: give up below this step length.
         max_expansions: how many times a successful step may be doubled.
+        sharpen: when ``point`` was proved a saddle by a certificate (the first negative Rayleigh
+            quotient, possibly far above lambda_min), first spend up to ``sharpen_hvps`` products to get
+            a direction whose curvature is within this fraction of lambda_min
+            (:func:`~saddlescope.critical.sharpen_escape`); None steps along the certificate as it is.
 
     Raises:
         NotADescentPointError: ``point`` has no escape direction (a minimum, or a degenerate point
@@ -90,6 +103,9 @@ def escape(
     if not (initial_step > 0 and min_step > 0 and 0 < sufficient_decrease < 1):
         raise InvalidInputError("need initial_step > 0, min_step > 0 and 0 < sufficient_decrease < 1")
     theta = objective.check_theta(point.theta.to(objective.dtype), "point.theta")
+    if sharpen is not None:
+        point = sharpen_escape(objective, point, fraction=sharpen, max_hvps=sharpen_hvps)
+    assert point.escape_direction is not None
     u = point.escape_direction.to(theta)
     loss0, grad = objective.loss_and_grad(theta)
     loss0 = float(loss0)
@@ -137,4 +153,6 @@ def escape(
         step_size=alpha,
         direction=direction,
         evaluations=evals,
+        curvature=curvature,
+        sharpening=point.escape_sharpening,
     )

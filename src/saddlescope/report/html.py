@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.atomic import atomic_write_text
-from saddlescope.critical import CriticalPoint
+from saddlescope.critical import CriticalPoint, sharpen_escape
 from saddlescope.curvature.blocks import BlockReport
 from saddlescope.distributed import is_main_process
 from saddlescope.curvature.density import SpectralDensity, spectral_density
@@ -175,6 +175,16 @@ def write_report(
     notes: list[str] = []
     want_landscape = _wanted("landscape", landscape, objective, notes)
     want_density = _wanted("density", density, objective, notes)
+    if want_landscape and objective is not None and torch.equal(centre, cp.theta):
+        # The escape slice follows the direction a user would step along, not a bare certificate.
+        cp = sharpen_escape(objective, cp)
+        if cp.escape_sharpening is not None:
+            sharp = cp.escape_sharpening
+            notes.append(
+                f"escape direction sharpened from the certificate (curvature {sharp['certificate_curvature']:.3g}) "
+                f"to curvature {sharp['curvature']:.3g} in {sharp['hvps']} products"
+                + (f", within {sharp['fraction_of_lambda_min']:.2f} of the lower bound on lambda_min"
+                   if sharp["reached"] else "; the asked fraction of lambda_min was not reached in the budget"))
     exact = cp.eigenvalues.numel() == cp.n_params
     has_escape = cp.escape_direction is not None
 
@@ -814,14 +824,39 @@ def _rows(items: list[tuple[str, str]]) -> str:
     return "\n".join(f"<tr><th>{html.escape(k)}</th><td class=num>{v}</td></tr>" for k, v in items)
 
 
-def _lambda_min_cell(c: dict[str, Any]) -> str:
-    value = f"<span id=lambda-min>{_fmt(c['lambda_min'], '.6g')}</span>"
-    if c["resolved_by"] != "certificate":
+def _quantity_cell(c: dict[str, Any], name: str, spec: str = ".6g", span_id: str | None = None) -> str:
+    """A number with what it is (``CriticalPoint.quantities``): exact, a bound and its side, an
+    interval, or an estimate with its error; the bare value for an older report without them."""
+    value = f"<span id={span_id}>{_fmt(c[name], spec)}</span>" if span_id else _fmt(c[name], spec)
+    q = (c.get("quantities") or {}).get(name)
+    if q is None:
         return value
-    # The solver stopped at the first confirmed negative Rayleigh quotient: it proves the saddle, and
-    # lambda_min lies at or below it, possibly far below.
-    return (f"&le; {value} <span class=note>(a certified negative Rayleigh quotient, an upper bound on "
-            "lambda_min; analyze(..., stop_at_certificate=False) converges it)</span>")
+    basis = f" <span class=note>({html.escape(q['basis'])})</span>" if q["basis"] else ""
+    status = q["is"]
+    if status == "exact":
+        err = "" if q["error"] is None else f" &plusmn; {_fmt(q['error'], '.2g')}"
+        return f"{value}{err}{basis}"
+    if status == "upper_bound":
+        return f"&le; {value} <b>(an upper bound)</b>{basis}"
+    if status == "lower_bound":
+        return f"&ge; {value} <b>(a lower bound)</b>{basis}"
+    if status == "interval":
+        return f"{value}, in [{_fmt(q['low'], spec)}, {_fmt(q['high'], spec)}]{basis}"
+    return (f"{value} &plusmn; {_fmt(q['error'], '.3f')} <b>(an estimate)</b>, in "
+            f"[{_fmt(q['low'], '.4f')}, {_fmt(q['high'], '.4f')}]{basis}")
+
+
+def _counts_cell(c: dict[str, Any], tol: dict[str, Any]) -> str:
+    """Integer counts where they were counted; fractions with their interval where estimated."""
+    if c["n_negative"] is not None:
+        return (f"{c['n_negative']} negative, {c['n_zero']} zero, {c['n_positive']} positive of "
+                f"{c['n_params']:,} (counted; zero: |lambda| &le; {_fmt(tol['zero_threshold'], '.3g')})")
+    q = c.get("quantities") or {}
+    if "negative" not in q:
+        return f"not estimated ({c['n_params']:,} parameters)"
+    parts = [f"{name} {_fmt(q[name]['value'], '.3f')} [{_fmt(q[name]['low'], '.3f')}, {_fmt(q[name]['high'], '.3f')}]"
+             for name in ("negative", "zero", "positive")]
+    return f"fractions of {c['n_params']:,}: " + ", ".join(parts) + " (estimates, not counts)"
 
 
 def _header(payload: dict[str, Any]) -> str:
@@ -835,8 +870,8 @@ def _header(payload: dict[str, Any]) -> str:
     items = [
         ("loss", _fmt(c["loss"], ".6g")),
         ("gradient norm", grad),
-        ("lambda_min", _lambda_min_cell(c)),
-        ("lambda_max", f"<span id=lambda-max>{_fmt(c['lambda_max'], '.6g')}</span>"),
+        ("lambda_min", _quantity_cell(c, "lambda_min", span_id="lambda-min")),
+        ("lambda_max", _quantity_cell(c, "lambda_max", span_id="lambda-max")),
     ]
     est = c["index_estimate"]
     if est is None:
@@ -854,8 +889,7 @@ def _header(payload: dict[str, Any]) -> str:
                else f"rounded from the estimate; zero: within &plusmn;delta = {_fmt(est['delta'], '.3g')}")
     precision = c["precision"]
     items += [
-        ("eigenvalues", (f"{c['n_negative']} negative, {c['n_zero']} zero, {c['n_positive']} positive "
-                         f"of {c['n_params']:,} ({counted})")),
+        ("eigenvalues", _counts_cell(c, tol)),
         ("method", f"{html.escape(c['method'])}, resolved by {html.escape(c['resolved_by'])}, {c['hvp_count']} HVPs"),
         ("tolerances", (f"grad_tol {_fmt(tol['grad_tol'], '.3g')}, rtol {_fmt(tol['rtol'], '.3g')}, "
                         f"atol {_fmt(tol['atol'], '.3g')}, zero threshold {_fmt(tol['zero_threshold'], '.3g')}")),
