@@ -1,6 +1,7 @@
 """The command line: verdicts, JSON, one-line errors, and the demo end to end."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,17 @@ def test_analyze_by_module_gives_every_layer_and_a_chart(tmp_path):
     # The diagonal blocks of H sit inside its spectrum (Cauchy interlacing).
     assert all(out["lambda_min"] - 1e-6 <= r["lambda_min"] <= r["lambda_max"] <= out["lambda_max"] + 1e-6
                for r in rows)
+    # Off a terminal the long stage still says where it is: timed lines on stderr, never silence.
+    assert re.search(r"\[saddlescope\] hessian products: \d+/2410", res.stderr) and "2410/2410 (100%)" in res.stderr
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quiet_silences_progress():
+    res = run("analyze", "--problem", "seed-toy", "--theta", "0,0", "--quiet")
+    assert res.returncode == 0 and "saddle" in res.stdout
+    assert res.stderr == ""
+    loud = run("analyze", "--problem", "seed-toy", "--theta", "0,0")
+    assert "[saddlescope] hessian products" in loud.stderr
 
 
 def test_errors_are_one_line_without_traceback():

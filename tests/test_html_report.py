@@ -156,7 +156,7 @@ def mlp(tmp_path_factory):
     # 2,410 parameters as in the full problem; 300 samples keep the dense Hessians quick.
     problem = ss.problems.digits_mlp((32,), n_samples=300)
     obj = problem.objective
-    cp = ss.analyze(obj)
+    cp = ss.analyze(obj, exact=True)  # the page against the dense spectrum
     blocks = ss.per_block(obj, cp.theta)
     out = tmp_path_factory.mktemp("mlp")
     files = saddlescope.report(cp, obj, out=out, blocks=blocks)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from saddlescope.errors import InvalidInputError, SaddlescopeError
+from saddlescope.progress import stage_progress
 
 app = typer.Typer(
     add_completion=False,
@@ -63,7 +64,9 @@ def analyze(
     model: str = typer.Option(None, help="Your model: 'pkg.module:factory' or 'path/file.py:factory'."),
     checkpoint: Path = typer.Option(None, help="Weights for --model: a state dict (torch.save) or .safetensors."),
     data: str = typer.Option(None, help="Batches for --model: 'pkg.module:loader' (a function or a DataLoader)."),
-    loss: str = typer.Option("auto", help="auto | cross_entropy | mse | lm | model | lightning | pkg.module:fn."),
+    loss: str = typer.Option("auto", help="auto | cross_entropy | mse | lm | model | lightning | pkg.module:fn. "
+                                          "Named losses average over the batch; a pkg.module:fn sums when it says "
+                                          "so (fn.reduction = 'sum', or an nn loss with reduction='sum')."),
     model_kwargs: str = typer.Option(None, help="JSON keyword arguments for the model factory."),
     data_kwargs: str = typer.Option(None, help="JSON keyword arguments for the data function."),
     dtype: str = typer.Option(None, help="float64 | float32 | bfloat16 | float16 (default: the model's)."),
@@ -82,6 +85,7 @@ def analyze(
                                     "function already returns this rank's shard)."),
     out: Path = typer.Option(None, help="Folder for the report: HTML page, JSON and PNGs."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (a bar on a terminal, timed lines elsewhere)."),
 ) -> None:
     """Classify a point: your model (--model, --data, --checkpoint) or a built-in --problem.
 
@@ -107,7 +111,7 @@ def analyze(
         if plot is not None and by is None:
             raise InvalidInputError("--plot draws the per-block chart: give --by module as well")
         command = "saddlescope " + _shell_join(sys.argv[1:])
-        with _stage_progress() as progress:
+        with stage_progress(quiet) as progress:
             if model is not None:
                 result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
                                         data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
@@ -152,31 +156,6 @@ def _json_option(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
-class _stage_progress:
-    """A transient rich progress bar fed by ``progress(stage, done, total)`` callbacks (stderr)."""
-
-    def __enter__(self) -> Callable[[str, int, int], None]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = None
-        if not sys.stderr.isatty():  # a log file gets no bar (and no stray blank line)
-            return lambda stage, done, total: None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self.bar.__enter__()
-        self.tasks: dict[str, Any] = {}
-        return self.update
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done, total=total)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
 def _analyze_model(model: str, data: str, *, model_kwargs: str | None, data_kwargs: str | None,
                    **options: Any) -> Any:
     from saddlescope.workflow import analyze_model
@@ -210,7 +189,7 @@ def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, meth
             raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
         point = torch.tensor(values, dtype=obj.dtype)
     cp = analyze_point(obj, point, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed,
-                       progress=lambda done, total: progress("hessian", done, total))
+                       progress=lambda done, total: progress("hessian products", done, total))
     blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol, seed=seed)
     result = ModelAnalysis(point=cp, objective=obj, blocks=blocks,
                            settings={"problem": problem, "method": method, "k": k, "by": by, "seed": seed,
@@ -237,23 +216,20 @@ def race(
     optimizer_names: str = typer.Option(None, "--optimizers", help="Comma-separated optimizers (default: all)."),
     workers: int = typer.Option(1, help="Parallel processes (wall times then share the CPU)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (a bar on a terminal, timed lines elsewhere)."),
 ) -> None:
     """The escape race: nine optimizers from saddles; steps, time and reliability to escape."""
     import json
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from saddlescope.experiments.race import race as run_race
     from saddlescope.report import to_jsonable
     from saddlescope.report.race_plots import plot_race
 
-    columns = (TextColumn("escape race"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("race", total=None)
+        with stage_progress(quiet) as progress:
             result = run_race(
                 problem_names, optimizer_names, seeds=seeds, out=out, quick=quick, workers=workers,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=lambda done, total: progress("escape race", done, total),
             )
         if out is not None:
             for png in plot_race(result, out):
@@ -296,7 +272,8 @@ def study_min_ratio(
     loss: str = typer.Option(None, help="cross_entropy | mse."),
     grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default 1e-6, float64)."),
     max_iter: int = typer.Option(None, help="Hessians per critical-point search at most."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show progress: a bar on a terminal, timed lines elsewhere."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Same as --no-progress."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train N networks, drive each to a critical point, take the exact spectrum; write report.md."""
@@ -320,7 +297,7 @@ def study_min_ratio(
             if value is not None:
                 options[name] = value
         study = min_ratio(n_networks, out=out, seed=seed, workers=workers, config=MinRatioConfig(**options),
-                          progress=progress)
+                          progress=progress and not quiet)
         report = write_min_ratio_report(study, command="saddlescope " + shlex.join(sys.argv[1:]))
     except SaddlescopeError as exc:
         _fail(str(exc))
@@ -347,7 +324,8 @@ def study_prevalence(
     instances: int = typer.Option(None, help="Random functions per family and dimension (default 3)."),
     kicks: int = typer.Option(None, help="Kicked restarts of a search that found no critical point (default 6)."),
     grf_edge_ratio: float = typer.Option(None, help="GRF confinement mu as a fraction of the Hessian edge R."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show progress: a bar on a terminal, timed lines elsewhere."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Same as --no-progress."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Find critical points of random functions and small networks; fraction of minima against n; report.md."""
@@ -369,7 +347,7 @@ def study_prevalence(
             if value is not None:
                 options[name] = value
         study = prevalence_study(out=out, seed=seed, workers=workers, config=PrevalenceConfig(**options),
-                                 progress=progress)
+                                 progress=progress and not quiet)
         report = write_prevalence_report(study, command="saddlescope " + shlex.join(sys.argv[1:]))
     except SaddlescopeError as exc:
         _fail(str(exc))

@@ -43,6 +43,7 @@ from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+from saddlescope.objective import _default_chunk as _exact_chunk  # the exact build's chunk, timed here
 from saddlescope.quantity import Quantity
 from saddlescope.tolerances import DEFAULT_TOLERANCES, default_tolerances, precision_bound
 
@@ -53,8 +54,17 @@ __all__ = [
 
 KINDS = ("minimum", "maximum", "saddle", "degenerate", "inconclusive", "not_critical")
 
-# The automatic choice of analyze(exact=None): the full Hessian up to this many parameters.
+# The automatic choice of analyze(exact=None) (plan_path): the full Hessian only up to this many
+# parameters, and only when its predicted cost beats the iterative verdict's or is below
+# EXACT_AFFORDABLE_S seconds.
 EXACT_MAX_PARAMS = 4096
+EXACT_AFFORDABLE_S = 10.0
+# Products of the iterative verdict besides the index estimate: both ends of the spectrum and their
+# confirmation (measured 60-110 on MLPs; a round figure on the high side).
+ITERATIVE_BASE_PRODUCTS = 100
+# LAPACK's syevd with vectors, one thread on this class of CPU: seconds per n^3 (1.7e-10 at n = 2,000,
+# 3.8e-10 at 500; the larger figure keeps the prediction on the safe side).
+EIGH_SECONDS_PER_N3 = 3e-10
 
 DEFAULT_PROBE_RADII = (1e-3, 1e-2, 1e-1)
 
@@ -208,6 +218,7 @@ class CriticalPoint:
     residuals: Tensor | None = None
     converged: Tensor | None = None
     escape_sharpening: dict[str, Any] | None = None
+    path_plan: PathPlan | None = None
 
     @property
     def lambda_min(self) -> float:
@@ -268,6 +279,7 @@ class CriticalPoint:
             "eigenvalues_converged": None if self.converged is None else self.converged.tolist(),
             "quantities": {name: q.to_dict() for name, q in self.quantities.items()},
             "escape_sharpening": self.escape_sharpening,
+            "path_plan": None if self.path_plan is None else self.path_plan.to_dict(),
         }
         if vectors:
             out["theta"] = self.theta.tolist()
@@ -349,6 +361,7 @@ def analyze(
     index_steps: int = 60,
     stop_at_certificate: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    exact_affordable_s: float = EXACT_AFFORDABLE_S,
 ) -> CriticalPoint:
     """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
 
@@ -361,8 +374,8 @@ def analyze(
 
     Args:
         k: eigenpairs computed at each end of the spectrum on the iterative path.
-        exact: force the exact (True) or iterative (False) path; None picks exact when the model
-            has at most ``exact_max_params`` parameters and the Hessian fits ``max_bytes``.
+        exact: force the exact (True) or iterative (False) path; None chooses by predicted cost
+            (:func:`plan_path`: measured products, recorded in ``cp.path_plan`` and a note).
         grad_tol, rtol, atol: tolerances; ``None`` takes the dtype's default
             (:data:`DEFAULT_TOLERANCES`).
         probe: resolve degenerate points by probing the null space (exact path).
@@ -373,6 +386,8 @@ def analyze(
         seed: for the random probe directions and the Krylov starting vectors.
         max_bytes: memory budget for the exact Hessian.
         exact_max_params: the size limit of the automatic choice.
+        exact_affordable_s: the automatic choice takes the exact path when it is predicted to take
+            at most this long, even if the iterative verdict would be cheaper (it gives the whole spectrum).
         eig_tol: iterative path: the top pairs converge to residual ``eig_tol * max|lambda|``, the
             bottom pairs to ``eig_tol * |lambda|`` (relative accuracy, what a small lambda_min
             needs) or a quarter of the zero threshold, whichever is larger. Default by dtype
@@ -404,14 +419,17 @@ def analyze(
     if exact not in (None, True, False):
         raise InvalidInputError(f"exact must be True, False or None, got {exact!r}")
     n = objective.n_params
+    plan = None
     if exact is None:
-        itemsize = torch.finfo(objective.dtype).bits // 8
-        exact = n <= exact_max_params and n * n * itemsize <= max_bytes
+        plan = plan_path(objective, theta, exact_max_params=exact_max_params, max_bytes=max_bytes,
+                         iterative_products=ITERATIVE_BASE_PRODUCTS + index_probes * min(index_steps, n),
+                         affordable_s=exact_affordable_s, seed=seed)
+        exact = plan.exact
     if exact:
         point = _analyze_exact(
             objective, theta, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, probe=probe,
             n_random_probes=n_random_probes, max_probe_directions=max_probe_directions, seed=seed,
-            max_bytes=max_bytes, progress=progress,
+            max_bytes=max_bytes, progress=progress, chunk_size=None if plan is None else plan.chunk_size,
         )
     else:
         point = _analyze_iterative(
@@ -420,6 +438,10 @@ def analyze(
             stop_at_certificate=stop_at_certificate, progress=progress,
         )
     point.notes = list(objective.notes)
+    if plan is not None:
+        point.path_plan = plan
+        if plan.measured:
+            point.notes.append(plan.reason)
     if torch.finfo(objective.dtype).bits < 32:
         point.notes.append(
             f"products in {objective.dtype} resolve eigenvalues only to about "
@@ -427,6 +449,94 @@ def analyze(
             "(Objective.from_model(..., dtype=torch.float32))"
         )
     return point
+
+
+@dataclass
+class PathPlan:
+    """How ``analyze(exact=None)`` chose its path.
+
+    The exact path costs ``n`` columns of batched products plus ``eigh``; the iterative verdict about
+    ``iterative_products`` single products. Both are predicted from products timed on this model at
+    this point (after one untimed warm-up product, which pays the one-time costs of the process).
+
+    Attributes:
+        exact: the path taken.
+        measured: products were timed (False when the choice needed no timing: too many parameters,
+            too little memory, or fewer parameters than the iterative verdict's products).
+        product_s, column_s: one product; one column of the batched exact build (a chunk / its size).
+        predicted_exact_s, predicted_iterative_s: the predictions compared.
+        chunk_size: columns per product in the exact build (1 when single products measured faster).
+        iterative_products: the iterative verdict's predicted product count.
+        reason: one sentence.
+    """
+
+    exact: bool
+    measured: bool
+    reason: str
+    n_params: int
+    iterative_products: int
+    product_s: float | None = None
+    column_s: float | None = None
+    predicted_exact_s: float | None = None
+    predicted_iterative_s: float | None = None
+    chunk_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan_path(
+    objective: Objective,
+    theta: Tensor,
+    *,
+    exact_max_params: int = EXACT_MAX_PARAMS,
+    max_bytes: int = DEFAULT_EXACT_BUDGET_BYTES,
+    iterative_products: int = ITERATIVE_BASE_PRODUCTS,
+    affordable_s: float = EXACT_AFFORDABLE_S,
+    seed: int = 0,
+) -> PathPlan:
+    """Choose the exact or the iterative path by predicted cost (see :class:`PathPlan`)."""
+    n = objective.n_params
+    itemsize = torch.finfo(objective.dtype).bits // 8
+    if n > exact_max_params or 3 * n * n * itemsize > max_bytes:
+        return PathPlan(False, False, f"iterative: {n:,} parameters exceed the exact path's limit "
+                        f"({exact_max_params:,} parameters, {max_bytes / 2**30:.1f} GiB)", n, iterative_products)
+    if n <= iterative_products:
+        return PathPlan(True, False, f"exact: {n} parameters need fewer products than the iterative "
+                        f"verdict's ~{iterative_products}", n, iterative_products)
+    graph = objective.gradient_graph(theta)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chunk = min(n, _exact_chunk(n))
+    vectors = torch.randn(chunk, n, generator=gen, dtype=torch.float64).to(objective.device, objective.dtype)
+    # Warm-up, single and batched: lazy imports and first-call costs (vmap's) belong to no path.
+    graph.hvp(vectors[0])
+    graph.hvp_batch(vectors[:2])
+    product_s = _timed(lambda: graph.hvp(vectors[0]), objective.device)
+    column_s = _timed(lambda: graph.hvp_batch(vectors), objective.device) / chunk
+    # The exact build takes whichever form measured faster: a batched backward (is_grads_batched),
+    # or one product at a time (faster on the digits MLP: vmap's overhead outweighs the batching).
+    chunk_size = chunk if column_s < product_s else 1
+    exact_s = n * min(column_s, product_s) + EIGH_SECONDS_PER_N3 * n**3
+    iterative_s = iterative_products * product_s
+    exact = exact_s <= max(iterative_s, affordable_s)
+    verdict = "exact" if exact else "iterative"
+    form = f"batches of {chunk}" if chunk_size > 1 else "one product each"
+    reason = (f"path {verdict}: the exact Hessian is predicted to take {exact_s:.3g} s ({n:,} columns, {form}, at "
+              f"{min(column_s, product_s) * 1e3:.3g} ms + eigh) and the iterative verdict {iterative_s:.3g} s "
+              f"(~{iterative_products} products at {product_s * 1e3:.3g} ms)")
+    if exact and exact_s > iterative_s:
+        reason += f"; exact since it costs at most {affordable_s:g} s and gives the whole spectrum"
+    return PathPlan(exact, True, reason, n, iterative_products, product_s, column_s, exact_s, iterative_s, chunk_size)
+
+
+def _timed(work: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _analyze_exact(
@@ -443,12 +553,13 @@ def _analyze_exact(
     seed: int,
     max_bytes: int,
     progress: Callable[[int, int], None] | None,
+    chunk_size: int | None = None,
 ) -> CriticalPoint:
     """The exact path: the whole spectrum, then probing if degenerate."""
     start = time.perf_counter()
     loss, grad = objective.loss_and_grad(theta)
     grad_norm = float(grad.norm())
-    spectrum = exact_spectrum(objective, theta, max_bytes=max_bytes, progress=progress)
+    spectrum = exact_spectrum(objective, theta, max_bytes=max_bytes, progress=progress, chunk_size=chunk_size)
     vals, vecs = spectrum.eigenvalues, spectrum.eigenvectors
     assert vecs is not None
     scale = float(vals.abs().max())

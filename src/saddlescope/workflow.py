@@ -178,7 +178,7 @@ def analyze_model(
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     try:
         point = analyze_point(objective, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol,
-                              seed=seed, progress=stage("hessian"))
+                              seed=seed, progress=stage("hessian products"))
     except TooLargeError as exc:
         raise TooLargeError(f"{exc} (on the command line: --method lanczos)") from exc
     blocks = per_block(objective, by=by, rtol=rtol, seed=seed) if by is not None else None

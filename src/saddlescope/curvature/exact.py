@@ -73,14 +73,16 @@ def exact_spectrum(
     vectors: bool = True,
     max_bytes: int = DEFAULT_EXACT_BUDGET_BYTES,
     progress: Callable[[int, int], None] | None = None,
+    chunk_size: int | None = None,
 ) -> Spectrum:
-    """The full Hessian spectrum of ``objective`` at ``theta``.
+    """The full Hessian spectrum of ``objective`` at ``theta`` (``chunk_size``: columns per batched
+    product in the build, see :meth:`Objective.hessian`).
 
     Raises:
         saddlescope.errors.TooLargeError: the matrix would not fit in ``max_bytes``.
     """
     start = time.perf_counter()
-    hessian = objective.hessian(theta, max_bytes=max_bytes, progress=progress)
+    hessian = objective.hessian(theta, max_bytes=max_bytes, progress=progress, chunk_size=chunk_size)
     built = time.perf_counter()
     values, vecs = symmetric_eigh(hessian, vectors=vectors)
     done = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from saddlescope.experiments.records import RecordStore
+from saddlescope.progress import LineProgress
 
 T = TypeVar("T")
 
@@ -84,10 +86,31 @@ def study_progress(show: bool, total: int, done: int, *, title: str,
     if not show:
         yield lambda record: None
         return
+    counts: dict[str, int] = {}
+
+    def tally(record: dict[str, Any]) -> str:
+        for label, count in labels(record).items():
+            counts[label] = counts.get(label, 0) + count
+        return " ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+    if not sys.stderr.isatty():  # a log: timed lines (saddlescope.progress), never silent
+        lines = LineProgress(sys.stderr)
+        finished = done
+        lines.update(title, finished, total, f"{done} resumed" if done else "")
+
+        def advance_line(record: dict[str, Any]) -> None:
+            nonlocal finished
+            finished += 1
+            lines.update(title, finished, total, tally(record))
+
+        try:
+            yield advance_line
+        finally:
+            lines.close()
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    counts: dict[str, int] = {}
     with Progress(
         TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[labels]}"), console=Console(stderr=True), transient=False,
@@ -95,9 +118,7 @@ def study_progress(show: bool, total: int, done: int, *, title: str,
         task = bar.add_task("runs", total=total, completed=done, labels="" if not done else f"{done} resumed")
 
         def advance(record: dict[str, Any]) -> None:
-            for label, count in labels(record).items():
-                counts[label] = counts.get(label, 0) + count
-            bar.update(task, advance=1, labels=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            bar.update(task, advance=1, labels=tally(record))
 
         yield advance
 
