@@ -885,8 +885,6 @@ def _header(payload: dict[str, Any]) -> str:
                             f"within &plusmn;delta, delta = {_fmt(est['delta'], '.3g')} "
                             f"({est['n_probes']} probes x {est['steps']} steps)")),
         ]
-    counted = (f"counted; zero: |lambda| &le; {_fmt(tol['zero_threshold'], '.3g')}" if est is None
-               else f"rounded from the estimate; zero: within &plusmn;delta = {_fmt(est['delta'], '.3g')}")
     precision = c["precision"]
     items += [
         ("eigenvalues", _counts_cell(c, tol)),
