@@ -254,3 +254,14 @@ def test_cli_bad_input_gets_one_line_naming_the_problem(tmp_path):
     ]
     for args, needles in cases:
         _one_line_error(run("analyze", *args), *needles)
+
+
+def test_cli_refuses_a_pickled_whole_model_saying_what_to_save(tmp_path):
+    whole = tmp_path / "whole_model.pt"
+    torch.save(examples.digits_cnn(**SMALL_CNN), whole)  # torch.save(model): pickled code, not weights
+    res = run("analyze", "--model", "saddlescope.examples:digits_cnn", "--model-kwargs", json.dumps(SMALL_CNN),
+              "--checkpoint", str(whole), "--data", "saddlescope.examples:digits_batches")
+    _one_line_error(res, "whole_model.pt", "saddlescope.examples.DigitsCNN", "torch.save(model.state_dict(), path)",
+                    "nothing in it was run")
+    for advice in ("add_safe_globals", "safe_globals", "weights_only", "trust"):  # torch's way to run the code
+        assert advice not in res.stderr, res.stderr

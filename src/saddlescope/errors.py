@@ -74,3 +74,7 @@ class UnsupportedModelError(SaddlescopeError):
 
 class DistributedError(SaddlescopeError):
     """A torch.distributed collective failed: another rank failed, stopped or disagrees with this one."""
+
+
+class DataChangedError(InvalidInputError):
+    """A data loader yielded other batches on a later pass than on the first (shuffling, random transforms)."""

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -216,10 +217,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Ch
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             # weights_only's unpickler names the refused global; the refusal happens before any call.
-            detail = _refused_global(str(exc))
+            # Only the refused name is kept: torch's own advice (add_safe_globals, weights_only=False)
+            # would have the user run the file's code.
+            name = _refused_global(str(exc))
+            what = f"pickled code ({name})" if name else "pickled code"
             raise UnsafeCheckpointError(
-                f"checkpoint {str(path)!r} contains pickled code{detail}, so it was refused and nothing in "
-                "it was run; save weights only: torch.save(model.state_dict(), path) or safetensors"
+                f"checkpoint {str(path)!r} holds {what}, e.g. a whole model saved with torch.save(model), so it "
+                "was refused and nothing in it was run; save the weights instead with "
+                "torch.save(model.state_dict(), path) (or a .safetensors file) and load that file"
             ) from exc
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} cannot be read by torch.load: {_first_line(exc)}; "
@@ -313,6 +318,12 @@ def resolve_loss(loss: str | Callable[[Any, Any], Tensor], model: nn.Module | No
         ``auto``: ``lightning`` for a LightningModule; ``model`` for batches without targets; ``lm``
         when the targets are the inputs' ``input_ids``; else ``cross_entropy`` for integer targets and
         ``mse`` for floating ones (``sample`` is one raw batch, used to decide).
+
+    Reduction: every named loss is a mean over its batch and says so (``loss_fn.reduction ==
+    "mean"``), so :meth:`Objective.from_model` weights batch :math:`b` by its size :math:`n_b`; the
+    full-data loss is then exact when each sample carries the same number of terms (tokens, outputs).
+    A callable keeps its own ``reduction`` attribute, if any (``nn.MSELoss(reduction="sum")``, or a
+    function with ``fn.reduction = "sum"``); without one it is taken as a mean.
     """
     if callable(loss) and not isinstance(loss, str):
         return loss, getattr(loss, "__name__", type(loss).__name__)
@@ -365,11 +376,20 @@ def _logits(outputs: Any) -> Tensor:
     return logits
 
 
+def _mean_over_samples(loss_fn: Callable[[Any, Any], Tensor]) -> Callable[[Any, Any], Tensor]:
+    """Declare a named loss a mean over its batch (``loss_fn.reduction = "mean"``), as ``torch.nn``
+    losses declare theirs: :meth:`Objective.from_model` reads it and weights each batch by its size."""
+    loss_fn.reduction = "mean"  # type: ignore[attr-defined]
+    return loss_fn
+
+
+@_mean_over_samples
 def _cross_entropy(outputs: Any, targets: Tensor) -> Tensor:
     logits = _logits(outputs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+@_mean_over_samples
 def _next_token(outputs: Any, targets: Tensor) -> Tensor:
     logits = _logits(outputs)
     if logits.dim() != 3 or targets.dim() != 2:
@@ -379,6 +399,7 @@ def _next_token(outputs: Any, targets: Tensor) -> Tensor:
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets[:, 1:].reshape(-1))
 
 
+@_mean_over_samples
 def _mse(outputs: Any, targets: Tensor) -> Tensor:
     prediction = _logits(outputs)
     if prediction.shape != targets.shape and prediction.numel() == targets.numel():
@@ -386,6 +407,7 @@ def _mse(outputs: Any, targets: Tensor) -> Tensor:
     return F.mse_loss(prediction, targets)
 
 
+@_mean_over_samples
 def _own_loss(outputs: Any, targets: Any) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs
@@ -471,6 +493,7 @@ def model_objective(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
+    reduction: str | None = None,
 ) -> Objective:
     """An objective for a user's model, with the loss chosen by name (see :func:`resolve_loss`).
 
@@ -478,7 +501,8 @@ def model_objective(
     on); the model is evaluated in eval mode, so Dropout is off and BatchNorm uses its running
     statistics, which makes the loss a deterministic function of the weights.
 
-    The chosen loss is recorded in ``objective.description["loss"]``.
+    The chosen loss is recorded in ``objective.description["loss"]``, its reduction (``reduction``,
+    else the loss's own, else ``"mean"``: see :meth:`Objective.from_model`) in ``description["reduction"]``.
     """
     if isinstance(data, Iterator):  # a one-shot iterator (a generator): read it once, keep the batches
         data = list(data)
@@ -492,9 +516,10 @@ def model_objective(
             data = [data]
         data = list(_as_step_batches(data)) if isinstance(data, (tuple, list)) else _StepData(data)
         obj = Objective.from_model(TrainingStep(model), loss_fn, data, dtype=dtype, device=device,
-                                   max_batches=max_batches)
+                                   max_batches=max_batches, reduction=reduction)
     else:
-        obj = Objective.from_model(model, loss_fn, data, dtype=dtype, device=device, max_batches=max_batches)
+        obj = Objective.from_model(model, loss_fn, data, dtype=dtype, device=device, max_batches=max_batches,
+                                   reduction=reduction)
     obj.description["loss"] = name
     obj.description["model"] = type(model).__name__
     return obj
@@ -511,8 +536,6 @@ def _few(items: list[str], n: int = 3) -> str:
 
 
 def _refused_global(message: str) -> str:
-    for line in message.splitlines():
-        line = line.strip()
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return f" ({line.rstrip('.')})"
-    return ""
+    """The dotted name of the global that ``torch.load(weights_only=True)`` refused, or ``""``."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    return found.group(1).rstrip(".") if found else ""

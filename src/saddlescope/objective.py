@@ -10,7 +10,9 @@ Everything above this layer sees a 1-D tensor :math:`\theta` and four methods:
     H(\theta) = \nabla^2 L(\theta),
 
 where :math:`\ell_b` is the (mean) loss of batch :math:`b` of :math:`n_b` samples, so the
-Hessian over several batches is exactly the full-data Hessian.
+Hessian over several batches is exactly the full-data Hessian (a loss that sums over its batch is
+added instead: :math:`L = \sum_b \ell_b`). The data are one fixed set: batches are read once and
+kept, or a loader is re-read on every pass and each pass checked to hold the first pass's batches.
 
 Under ``torch.distributed`` the batches of every rank enter the same sums: each rank divides its
 local sum by the global count and one all-reduce per loss, gradient or batch of products adds the
@@ -26,7 +28,10 @@ gradients; the reused graph costs about one and a half.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ from torch.func import functional_call
 from saddlescope import distributed as dist_helpers
 from saddlescope.errors import (
     BatchShapeError,
+    DataChangedError,
     DistributedError,
     EmptyDataError,
     InvalidInputError,
@@ -147,34 +153,53 @@ class Objective:
     @classmethod
     def from_model(
         cls,
-        model: nn.Module,
+        model: nn.Module | Callable[..., Any],
         loss_fn: Callable[[Any, Any], Tensor],
         data: Any,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         train_mode: bool = False,
-        params: Iterable[str] | None = None,
-        reduction: str = "mean",
+        params: Iterable[str] | Mapping[str, Tensor] | None = None,
+        reduction: str | None = None,
         max_batches: int | None = None,
         distributed: bool | None = None,
     ) -> Objective:
-        """An objective over a model's parameters: ``loss_fn(model(inputs), targets)`` on ``data``.
+        r"""An objective over a model's parameters: ``loss_fn(model(inputs), targets)`` on ``data``.
+
+        With :math:`\ell_b` the value of ``loss_fn`` on batch :math:`b` of :math:`n_b` samples and
+        :math:`N = \sum_b n_b`, the objective is :math:`L = \frac{1}{N}\sum_b n_b \ell_b` for a loss that
+        averages over its batch (``reduction="mean"``) and :math:`L = \sum_b \ell_b` for one that sums
+        (``"sum"``): in both cases the loss of the whole data set, so the Hessian is the full-data one.
 
         Args:
-            model: any ``nn.Module``; it is not modified (parameters are passed functionally).
+            model: an ``nn.Module`` (not modified: parameters are passed functionally), or a function
+                ``f(params, inputs)`` in ``torch.func`` style, where ``params`` is a dict of named
+                tensors; a function needs its starting point as ``params={name: tensor}``.
             loss_fn: ``loss_fn(outputs, targets) -> scalar``; gets whatever the model returns.
             data: an ``(inputs, targets)`` pair or an iterable of such batches (a DataLoader).
-                ``inputs`` may be a tensor or a dict of tensors (passed as keyword arguments).
-                A one-shot iterator is read once and kept.
+                ``inputs`` may be a tensor or a dict of tensors. A dict is passed as keyword arguments
+                when every key names a parameter of the model's ``forward`` (or of ``f`` after
+                ``params``) or it takes ``**kwargs``; as the one argument when ``forward`` has exactly
+                one required positional parameter and it is not among the keys (``forward(self, batch)``).
+                A list, a pair or a one-shot iterator is read once and kept. A re-iterable loader is
+                read again on every pass, and every pass must yield the batches of the first (in any
+                order): a loader that reshuffles (``shuffle=True``) or draws random transforms raises
+                :class:`~saddlescope.errors.DataChangedError`, since each pass would be another data set.
             dtype: compute dtype (e.g. ``torch.float64`` for exact work); floating parameters,
                 buffers, inputs and targets are cast to it. Defaults to the parameters' dtype.
             device: where to compute; defaults to the parameters' device.
             train_mode: evaluate in training mode (dropout on, batch statistics); default eval.
-            params: names of the parameters to differentiate; default all with ``requires_grad``.
-                The others, and all buffers, are held fixed.
-            reduction: ``"mean"`` if ``loss_fn`` averages over the batch (batches are then
-                weighted by size), ``"sum"`` if it sums (batch losses are added).
+                A module only.
+            params: for a module, names of the parameters to differentiate (default: all with
+                ``requires_grad``; the others, and all buffers, are held fixed). For a function, the
+                dict ``{name: tensor}`` of its parameters at the starting point: every entry is
+                differentiated, and ``theta`` is their concatenation in the dict's order.
+            reduction: how ``loss_fn`` reduces a batch, ``"mean"`` or ``"sum"`` (see above). Default:
+                the loss's own ``reduction`` attribute where it has one (``nn.CrossEntropyLoss``,
+                ``nn.MSELoss``, ..., ``"batchmean"`` counting as ``"mean"``; also a
+                ``functools.partial(F.mse_loss, reduction=...)``), else ``"mean"``. A loss whose
+                reduction is ``"none"``, or that disagrees with this argument, is refused.
             max_batches: use only the first ``max_batches`` batches, read once and kept, so every
                 product sees the same fixed subset even from a shuffling loader. What was used is
                 recorded in ``description["subset"]`` (batches, samples and a fingerprint of the
@@ -189,129 +214,65 @@ class Objective:
                 least one sample (else every rank raises ``EmptyDataError``). ``description["distributed"]``
                 records the world size and the sample counts; :attr:`n_samples` is the global count.
         """
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise InvalidInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise InvalidInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise InvalidInputError(f"max_batches must be a positive integer, got {max_batches!r}")
+        reduction = _resolve_reduction(loss_fn, reduction)
         sharded = _use_distributed(distributed)
-
-        named = dict(model.named_parameters())
-        if params is None:
-            trainable = [n for n, p in named.items() if p.requires_grad]
-        else:
-            trainable = list(params)
-            unknown = [n for n in trainable if n not in named]
-            if unknown:
-                raise InvalidInputError(
-                    f"params names {unknown} are not parameters of the model; "
-                    f"known: {list(named)[:8]}{'...' if len(named) > 8 else ''}"
-                )
-        if not trainable:
-            raise NoTrainableParametersError(
-                "the model has no parameter with requires_grad=True to differentiate; "
-                "unfreeze some (p.requires_grad_(True)) or name them with params=[...]"
-            )
-        first = named[trainable[0]]
-        dtype = dtype or first.dtype
-        if not dtype.is_floating_point:
-            raise InvalidInputError(f"dtype must be a floating dtype, got {dtype}")
-        device = torch.device(device) if device is not None else first.device
-
-        def cast(t: Any) -> Any:
-            if isinstance(t, Tensor):
-                t = t.to(device)
-                return t.to(dtype) if t.is_floating_point() else t
-            if isinstance(t, Mapping):
-                return {k: cast(v) for k, v in t.items()}
-            return t
-
-        shapes = [named[n].shape for n in trainable]
-        sizes = [named[n].numel() for n in trainable]
-        fixed = {n: cast(p.detach()) for n, p in named.items() if n not in set(trainable)}
-        fixed.update({n: cast(b.detach()) for n, b in model.named_buffers()})
-        theta0 = torch.cat([named[n].detach().reshape(-1) for n in trainable]).to(device, dtype)
-
+        layout = _ParameterLayout.of(model, params)
+        dtype, device = layout.compute_dtype(dtype), layout.compute_device(device)
+        cast = _Cast(device, dtype)
+        layout = layout.cast(cast)
+        call = _ModelCall(model, train_mode)
         try:
-            batch_list = _materialise(data, cast, max_batches)
+            passes = _data_passes(data, cast, max_batches)
         except EmptyDataError:
             if not sharded:
                 raise
-            # An empty shard still takes part in the count exchange below, so every rank fails
-            # with the same message instead of its peers timing out.
-            batch_list = []
-
-        def batches() -> Iterable[Batch]:
-            if batch_list is not None:
-                return batch_list
-            return (_make_batch(b, cast) for b in data)
+            # An empty shard still takes part in the count exchange, so every rank fails with the
+            # same message instead of its peers timing out.
+            passes = _FixedBatches([])
 
         def batch_loss(theta: Tensor, batch: Batch) -> Tensor:
-            tensors = dict(zip(trainable, (t.view(s) for t, s in zip(torch.split(theta, sizes), shapes))))
-            state = dict(fixed)
-            if train_mode:  # BatchNorm updates its buffers in training mode: keep ours pristine
-                state = {k: v.clone() for k, v in state.items()}
-            state.update(tensors)
-            was_training = model.training
-            model.train(train_mode)
-            try:
-                if isinstance(batch.inputs, Mapping):
-                    outputs = functional_call(model, state, args=(), kwargs=dict(batch.inputs))
-                else:
-                    outputs = functional_call(model, state, (batch.inputs,))
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise BatchShapeError(
-                    f"the model failed on a batch with inputs {_describe(batch.inputs)}: "
-                    f"{str(exc).splitlines()[0]}; check that the data match the model"
-                ) from exc
-            finally:
-                model.train(was_training)
+            outputs = call(layout.state(theta, fresh_fixed=train_mode), batch.inputs)
             loss = loss_fn(outputs, batch.targets)
-            if reduction == "sum":
-                return loss
-            return loss * batch.size
+            return loss if reduction == "sum" else loss * batch.size
 
         obj = cls(
             batch_loss,
-            batches,
-            theta0,
+            passes,
+            layout.theta0.to(device=device, dtype=dtype),
             mode="train" if train_mode else "eval",
-            describe={
-                "kind": "model",
-                "model": type(model).__name__,
-                "reduction": reduction,
-                "n_fixed_tensors": len(fixed),
-            },
-            param_names=trainable,
-            param_shapes=shapes,
+            describe={"kind": "model", "model": call.name, "reduction": reduction,
+                      "n_fixed_tensors": len(layout.fixed)},
+            param_names=layout.names,
+            param_shapes=layout.shapes,
         )
         if max_batches is not None:
-            assert batch_list is not None
-            obj.description["subset"] = {
-                "max_batches": max_batches,
-                "batches": len(batch_list),
-                "samples": sum(b.size for b in batch_list),
-                "fingerprint": _fingerprint(batch_list),
-            }
-        obj._reduction = reduction
-        total, n_batches = 0, 0
-        for batch in obj._batches():
-            total += batch.size
-            n_batches += 1
-        obj.local_samples = total
-        if sharded:
-            total = obj._join_shards(total, n_batches)
-        if total == 0:
-            raise EmptyDataError("the data yielded no samples; pass at least one non-empty batch")
-        # With shards, each rank divides by the global count: its sums are then its share of the
-        # full-data mean and the all-reduce only has to add them.
-        obj._normaliser = float(total) if reduction == "mean" else 1.0
-        obj.n_samples = total
+            assert isinstance(passes, _FixedBatches)  # a limit is always read once and kept
+            obj.description["subset"] = passes.describe_subset(max_batches)
+        obj._count_samples(reduction, sharded)
         obj.loss(obj.theta0)  # fail now, with the model's own message, not mid-analysis
         return obj
+
+    def _count_samples(self, reduction: str, sharded: bool) -> None:
+        """Count the samples (over every rank when sharded) and set the normaliser of the mean.
+
+        With shards, each rank divides by the global count: its sums are then its share of the
+        full-data mean and the all-reduce only has to add them."""
+        self._reduction = reduction
+        total, n_batches = 0, 0
+        for batch in self._batches():
+            total += batch.size
+            n_batches += 1
+        self.local_samples = total
+        if sharded:
+            total = self._join_shards(total, n_batches)
+        if total == 0:
+            raise EmptyDataError("the data yielded no samples; pass at least one non-empty batch")
+        self._normaliser = float(total) if reduction == "mean" else 1.0
+        self.n_samples = total
 
     # Analytic objectives: one "batch" of size 1 and no normalisation.
     _normaliser: float = 1.0
@@ -702,6 +663,340 @@ class GradientGraph:
         return out
 
 
+# ------------------------------------------------------------ from_model's pieces: loss, parameters, calls
+REDUCTIONS = ("mean", "sum")
+
+
+def _resolve_reduction(loss_fn: Callable[..., Any], reduction: str | None) -> str:
+    """How ``loss_fn`` reduces a batch: ``"mean"`` (weighted by batch size) or ``"sum"`` (added).
+
+    The rule: the loss's own declaration (its ``reduction`` attribute, as ``torch.nn`` losses and the
+    named losses of :mod:`saddlescope.loading` have, or the ``reduction`` keyword of a
+    ``functools.partial``) and the ``reduction`` argument must agree where both are given; either one
+    alone decides; with neither, ``"mean"``. ``"batchmean"`` (``nn.KLDivLoss``: a sum over each
+    sample, a mean over samples) is a mean over samples. ``"none"`` is refused: per-sample losses are
+    not one number per batch.
+    """
+    declared = getattr(loss_fn, "reduction", None)
+    if declared is None and isinstance(loss_fn, functools.partial):
+        declared = loss_fn.keywords.get("reduction")
+    if not isinstance(declared, str):  # an attribute that happens to share the name
+        declared = None
+    if declared == "batchmean":
+        declared = "mean"
+    for value, whose in ((reduction, "reduction"), (declared, "loss_fn has reduction")):
+        if value is not None and value not in REDUCTIONS:
+            raise (NonScalarLossError if value == "none" else InvalidInputError)(
+                f"{whose}={value!r}, but the objective needs one number per batch: "
+                + ("with 'none' the loss returns one per sample, not a scalar; " if value == "none" else "")
+                + "use reduction='mean' (the loss is then the mean over all samples) or 'sum' (their sum)"
+            )
+    if reduction is not None and declared is not None and reduction != declared:
+        raise InvalidInputError(
+            f"loss_fn has reduction={declared!r} but reduction={reduction!r} was passed; leave out the "
+            "argument (the loss's own reduction is used) or make them agree"
+        )
+    return reduction or declared or "mean"
+
+
+@dataclass(frozen=True)
+class _Cast:
+    """Moves data to the compute device, floating tensors also to the compute dtype (inside dicts too)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            value = value.to(self.device)
+            return value.to(self.dtype) if value.is_floating_point() else value
+        if isinstance(value, Mapping):
+            return {k: self(v) for k, v in value.items()}
+        return value
+
+
+@dataclass(frozen=True)
+class _ParameterLayout:
+    """The map between ``theta`` and a model's named tensors.
+
+    ``theta`` is the concatenation of the flattened trainable tensors, in ``names`` order; ``fixed``
+    holds the rest of the model's state (frozen parameters, buffers), passed unchanged to every call.
+    """
+
+    names: list[str]
+    shapes: list[torch.Size]
+    values: list[Tensor]  # the trainable tensors at the starting point
+    fixed: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, model: Any, params: Iterable[str] | Mapping[str, Tensor] | None) -> _ParameterLayout:
+        if isinstance(model, nn.Module):
+            return cls._of_module(model, params)
+        if isinstance(model, type):
+            name = model.__name__
+            raise InvalidInputError(f"model is the class {name}; pass an instance, {name}(...)")
+        if callable(model):
+            return cls._of_function(params)
+        raise InvalidInputError(
+            f"model must be an nn.Module or a function f(params, inputs), got {type(model).__name__}"
+        )
+
+    @classmethod
+    def _of_module(cls, model: nn.Module, params: Any) -> _ParameterLayout:
+        if isinstance(params, Mapping):
+            raise InvalidInputError(
+                "for an nn.Module, params names the parameters to differentiate (a list of names); to "
+                "start from other values, load them into the module (model.load_state_dict)"
+            )
+        named = dict(model.named_parameters())
+        if params is None:
+            trainable = [n for n, p in named.items() if p.requires_grad]
+        else:
+            trainable = list(params)
+            unknown = [n for n in trainable if n not in named]
+            if unknown:
+                raise InvalidInputError(
+                    f"params names {unknown} are not parameters of the model; "
+                    f"known: {list(named)[:8]}{'...' if len(named) > 8 else ''}"
+                )
+        if not trainable:
+            raise NoTrainableParametersError(
+                "the model has no parameter with requires_grad=True to differentiate; "
+                "unfreeze some (p.requires_grad_(True)) or name them with params=[...]"
+            )
+        chosen = set(trainable)
+        fixed = {n: p.detach() for n, p in named.items() if n not in chosen}
+        fixed.update({n: b.detach() for n, b in model.named_buffers()})
+        values = [named[n].detach() for n in trainable]
+        return cls(trainable, [v.shape for v in values], values, fixed)
+
+    @classmethod
+    def _of_function(cls, params: Any) -> _ParameterLayout:
+        if not isinstance(params, Mapping) or not params:
+            raise InvalidInputError(
+                "a function model f(params, inputs) needs its starting point: pass params={name: tensor}, "
+                "e.g. {n: p.detach() for n, p in module.named_parameters()}"
+            )
+        bad = [n for n, t in params.items()
+               if not (isinstance(n, str) and isinstance(t, Tensor) and t.is_floating_point())]
+        if bad:
+            raise InvalidInputError(f"params must map names (str) to floating tensors; {bad[:4]} do not")
+        values = [t.detach() for t in params.values()]
+        return cls(list(params), [v.shape for v in values], values, {})
+
+    def compute_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        dtype = dtype or self.values[0].dtype
+        if not dtype.is_floating_point:
+            raise InvalidInputError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+
+    def compute_device(self, device: torch.device | str | None) -> torch.device:
+        return torch.device(device) if device is not None else self.values[0].device
+
+    def cast(self, cast: _Cast) -> _ParameterLayout:
+        return dataclasses.replace(self, values=[cast(v) for v in self.values],
+                                   fixed={n: cast(t) for n, t in self.fixed.items()})
+
+    @property
+    def theta0(self) -> Tensor:
+        return torch.cat([v.reshape(-1) for v in self.values])
+
+    def state(self, theta: Tensor, fresh_fixed: bool = False) -> dict[str, Tensor]:
+        """Every named tensor of the model at ``theta``; ``fresh_fixed`` copies the fixed ones (a
+        BatchNorm in training mode updates its buffers in place: keep ours pristine)."""
+        state = {n: t.clone() for n, t in self.fixed.items()} if fresh_fixed else dict(self.fixed)
+        sizes = [s.numel() for s in self.shapes]
+        state.update(zip(self.names, (t.view(s) for t, s in zip(torch.split(theta, sizes), self.shapes))))
+        return state
+
+
+class _ModelCall:
+    """One call of the model on a batch's inputs, with the named tensors given.
+
+    A module runs through ``functional_call`` in the requested mode (its own mode is restored); a
+    function runs as ``f(state, inputs)``. A tensor input is the one argument. A dict input is spread
+    as keyword arguments when every key names a parameter of the callee (``forward`` after ``self``,
+    ``f`` after ``params``) or the callee takes ``**kwargs``; it is the one argument when the callee
+    has exactly one required positional parameter (or, with none required, one positional parameter)
+    and its name is not a key. Anything else is refused, naming both.
+    """
+
+    def __init__(self, model: Any, train_mode: bool) -> None:
+        self.model = model
+        self.is_module = isinstance(model, nn.Module)
+        if train_mode and not self.is_module:
+            raise InvalidInputError("train_mode applies to an nn.Module; a function has no training mode")
+        self.train_mode = train_mode
+        kind = type(model).__name__
+        self.name = kind if self.is_module else getattr(model, "__name__", kind)
+        self.parameters = _callee_parameters(model)
+        self._spread: dict[frozenset[Any], bool] = {}
+
+    def __call__(self, state: dict[str, Tensor], inputs: Any) -> Any:
+        args, kwargs = self._arguments(inputs)
+        try:
+            if not self.is_module:
+                return self.model(state, *args, **kwargs)
+            was_training = self.model.training
+            self.model.train(self.train_mode)
+            try:
+                return functional_call(self.model, state, args, kwargs)
+            finally:
+                self.model.train(was_training)
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            raise BatchShapeError(
+                f"the model failed on a batch with inputs {_describe(inputs)}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "check that the data match the model"
+            ) from exc
+
+    def _arguments(self, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not isinstance(inputs, Mapping):
+            return (inputs,), {}
+        keys = frozenset(inputs)
+        if keys not in self._spread:
+            self._spread[keys] = self._spreads(keys)
+        return ((), dict(inputs)) if self._spread[keys] else ((dict(inputs),), {})
+
+    def _spreads(self, keys: frozenset[Any]) -> bool:
+        if self.parameters is None:  # no signature to read (a builtin): keywords, as before
+            return True
+        kinds = inspect.Parameter
+        if any(p.kind is kinds.VAR_KEYWORD for p in self.parameters):
+            return True
+        named = {p.name for p in self.parameters
+                 if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+        if keys <= named:
+            return True
+        positional = [p for p in self.parameters
+                      if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        candidates = required or positional
+        if len(candidates) == 1 and candidates[0].name not in keys:
+            return False
+        callee = f"{self.name}.forward" if self.is_module else self.name
+        raise BatchShapeError(
+            f"the inputs are a dict with keys {sorted(map(str, keys))}, but {callee}"
+            f"({', '.join(p.name for p in self.parameters)}) takes them neither as keyword arguments nor as "
+            "one argument; name the keys after its parameters, or give it one parameter for the whole dict"
+        )
+
+
+def _callee_parameters(model: Any) -> list[inspect.Parameter] | None:
+    """The parameters a batch's inputs bind to: ``forward``'s (without ``self``) for a module, ``f``'s
+    after ``params`` for a function; None when Python cannot tell."""
+    try:
+        signature = inspect.signature(model.forward if isinstance(model, nn.Module) else model)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())
+    if isinstance(model, nn.Module) or not parameters or parameters[0].kind is parameters[0].VAR_POSITIONAL:
+        return parameters
+    return parameters[1:]
+
+
+# ------------------------------------------------------------------- from_model's pieces: data passes
+class _FixedBatches:
+    """Batches read once and kept: every pass yields the same tensors."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def __call__(self) -> list[Batch]:
+        return self.batches
+
+    def describe_subset(self, max_batches: int) -> dict[str, Any]:
+        return {"max_batches": max_batches, "batches": len(self.batches),
+                "samples": sum(b.size for b in self.batches), "fingerprint": _fingerprint(self.batches)}
+
+
+class _CheckedPasses:
+    """A re-iterable loader, read again on every pass; each complete pass must yield the first one's data.
+
+    A pass's signature is the sorted list of its batches' sizes and digests (:func:`_batch_digest`).
+    The order of the batches may change, since the loss is a sum over batches (only rounding
+    differs); what is in a batch may not: a loader that reshuffles or draws random transforms gives
+    another data set, or other batches for a loss that couples a batch's samples (batch statistics,
+    in-batch negatives), on every pass, and each loss, gradient and product would be of a different
+    function. The digest reads each byte once as the loader gave it (SHA-1, over 1 GB/s): about a tenth
+    of a forward pass of a 64-32-10 MLP, less for anything larger, and a small part of reading the loader.
+    """
+
+    def __init__(self, data: Iterable[Any], cast: _Cast) -> None:
+        self.data, self.cast = data, cast
+        self.reference: list[tuple[int, str]] | None = None
+        self.completed = 0
+
+    def __call__(self) -> Iterator[Batch]:
+        signature = []
+        for raw in self.data:
+            batch = _make_batch(raw, self.cast)
+            if batch.size == 0:
+                continue
+            signature.append((batch.size, _batch_digest(raw)))
+            yield batch
+        self._check(sorted(signature))
+
+    def _check(self, signature: list[tuple[int, str]]) -> None:
+        self.completed += 1
+        if self.reference is None:
+            self.reference = signature
+            return
+        if signature == self.reference:
+            return
+        first, now = self.reference, signature
+        counts = [(sum(size for size, _ in s), len(s)) for s in (first, now)]
+        if counts[0] != counts[1]:
+            (first_samples, first_batches), (samples, batches) = counts
+            detail = f"{samples} samples in {batches} batches, the first {first_samples} in {first_batches}"
+        else:
+            unmatched = len(now) - sum(min(now.count(b), first.count(b)) for b in set(now))
+            detail = f"{unmatched} of {len(now)} batches hold other data than any batch of the first pass"
+        raise DataChangedError(
+            f"the data changed between passes (pass {self.completed}: {detail}): a DataLoader with "
+            "shuffle=True or random transforms makes every pass another data set, and each loss, gradient "
+            "and Hessian product would mix them; pass a loader with shuffle=False and deterministic "
+            "transforms, or max_batches=N to read N batches once and keep them"
+        )
+
+
+def _batch_digest(raw: Any) -> str:
+    """SHA-1 of a batch as the loader yielded it: each tensor's place, dtype, shape and bytes."""
+    digest = hashlib.sha1()
+
+    def feed(path: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                feed(f"{path}.{key}", value[key])
+        elif isinstance(value, Tensor):
+            digest.update(f"{path}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(_tensor_bytes(value))
+        else:
+            digest.update(f"{path}:{_plain(value)};".encode())
+
+    feed("inputs", raw[0])
+    feed("targets", raw[1])
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: Tensor) -> Any:
+    """A tensor's bytes as a buffer on the host (any dtype, bfloat16 included)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _plain(value: Any) -> str:
+    """A non-tensor leaf as text: its value when that is a plain one, else its type (a repr may hold an
+    address that differs on every pass)."""
+    return repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+
+
+def _data_passes(data: Any, cast: _Cast, max_batches: int | None) -> _FixedBatches | _CheckedPasses:
+    """The data as passes over batches: kept when :func:`_materialise` reads them once (a pair, a
+    list, a one-shot iterator, the first ``max_batches``), else a loader re-read and checked every pass."""
+    batches = _materialise(data, cast, max_batches)
+    return _CheckedPasses(data, cast) if batches is None else _FixedBatches(batches)
+
+
 # ---------------------------------------------------------------------- helpers
 def _fingerprint(batches: list[Batch]) -> str:
     """A short hash of the data, so a report can say which subset it was computed on."""
@@ -709,7 +1004,7 @@ def _fingerprint(batches: list[Batch]) -> str:
 
     def feed(x: Any) -> None:
         if isinstance(x, Tensor):
-            digest.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(_tensor_bytes(x))
         elif isinstance(x, Mapping):
             for key in sorted(x):
                 digest.update(str(key).encode())
@@ -843,7 +1138,7 @@ def _materialise(data: Any, cast: Callable[[Any], Any], max_batches: int | None 
     elif isinstance(data, (tuple, list)):
         batches = [_make_batch(b, cast) for b in data[:max_batches]]
     elif isinstance(data, Iterable):
-        if iter(data) is not data and max_batches is None:
+        if not isinstance(data, Iterator) and max_batches is None:  # re-iterable (no iter() spent on asking)
             return None
         batches = [_make_batch(b, cast) for b in itertools.islice(data, max_batches)]
     else:
