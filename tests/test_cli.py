@@ -30,7 +30,7 @@ def test_analyze_with_lanczos():
 
 def test_analyze_by_module_gives_every_layer_and_a_chart(tmp_path):
     chart = tmp_path / "blocks.png"
-    res = run("analyze", "--problem", "digits-mlp", "--by", "module", "--plot", str(chart), "--json")
+    res = run("analyze", "--problem", "digits-mlp", "--method", "exact", "--by", "module", "--plot", str(chart), "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     rows = out["blocks"]["rows"]

@@ -41,6 +41,7 @@ class Rendered:
     plots: dict[str, bool] = field(default_factory=dict)  # plotly div id -> has drawn its main svg
     verdict: str = ""
     console: list[str] = field(default_factory=list)  # uncaught errors in Chromium's log
+    layout: list[str] | None = None  # the page's own measurement of overlapping and clipped labels
 
     def problems(self) -> list[str]:
         found = []
@@ -48,6 +49,10 @@ class Rendered:
             found.append(f"recorded JavaScript errors ({self.error_count}): {self.recorded_errors.strip()}")
         found.extend(f"console: {line}" for line in self.console)
         found.extend(f"plot {name} not drawn" for name, drawn in self.plots.items() if not drawn)
+        if self.layout is None:
+            found.append("no layout measurement (data-layout-problems missing)")
+        else:
+            found.extend(f"layout: {problem}" for problem in self.layout)
         return found
 
 
@@ -68,6 +73,8 @@ class _DomReader(HTMLParser):
             self.result.error_count = attrs.get("data-js-errors")
         if tag == "body":
             self.result.plots_rendered = attrs.get("data-plots-rendered")
+            if attrs.get("data-layout-problems") is not None:
+                self.result.layout = json.loads(attrs["data-layout-problems"])
         if tag == "pre" and attrs.get("id") == "js-errors":
             self.capture = "errors"
         if tag == "div":
@@ -97,13 +104,14 @@ class _DomReader(HTMLParser):
             self.result.verdict += data
 
 
-def render(page: Path, tmp_path: Path) -> Rendered:
-    """Open ``page`` in headless Chromium with no network, let it run, and read the DOM it ends with."""
+def render(page: Path, tmp_path: Path, width: int = 1280) -> Rendered:
+    """Open ``page`` in headless Chromium with no network in a window ``width`` pixels wide, let it run,
+    and read the DOM it ends with (the page measures its own labels for overlaps and clipping)."""
     command = [
         browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--no-first-run", "--disable-extensions",
         "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
-        "--virtual-time-budget=15000", "--dump-dom", page.resolve().as_uri(),
+        f"--window-size={width},1000", "--virtual-time-budget=15000", "--dump-dom", page.resolve().as_uri(),
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,8 +123,8 @@ def render(page: Path, tmp_path: Path) -> Rendered:
     return result
 
 
-def assert_renders(page: Path, tmp_path: Path, expected_plots: set[str]) -> Rendered:
-    result = render(page, tmp_path)
+def assert_renders(page: Path, tmp_path: Path, expected_plots: set[str], width: int = 1280) -> Rendered:
+    result = render(page, tmp_path, width)
     assert result.problems() == []
     assert set(result.plots) == expected_plots
     assert result.plots_rendered == str(len(expected_plots))
@@ -173,7 +181,7 @@ def test_seed_toy_page_renders_a_saddle_with_no_javascript_error(toy, tmp_path):
 
 def test_a_javascript_error_in_the_page_is_caught(toy, tmp_path):
     _, files, _ = toy
-    broken = tmp_path / "broken.html"
+    broken = files.html.parent / "broken.html"  # beside the page: it loads the same plotly.min.js
     text = files.html.read_text()
     inject = ("<script>thisFunctionDoesNotExist();</script>"
               "<script>Promise.reject(new Error('deliberate rejection'));</script></body>")
@@ -187,13 +195,39 @@ def test_a_javascript_error_in_the_page_is_caught(toy, tmp_path):
     assert problems
 
 
-def test_page_loads_nothing_from_the_network_and_embeds_plotly_once(toy):
+def test_overlapping_and_clipped_labels_are_caught(toy, tmp_path):
+    # The same page with two labels drawn on top of each other and one pushed outside its figure.
     _, files, _ = toy
+    text = files.html.read_text()
+    start = text.index("<script type='application/json' id=figure-data>") + len("<script type='application/json' id=figure-data>")
+    end = text.index("</script>", start)
+    figures = json.loads(text[start:end].replace("<\\/", "</"))
+    layout = figures[0]["figure"]["layout"]
+    layout["annotations"] = [*layout.get("annotations", []),
+                             {"text": "first label", "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False},
+                             {"text": "second label", "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False},
+                             {"text": "far outside", "x": 3.0, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False}]
+    broken = files.html.parent / "broken-layout.html"
+    broken.write_text(text[:start] + json.dumps(figures).replace("</", "<\\/") + text[end:])
+    layout_problems = render(broken, tmp_path).layout
+    assert any("first label" in p and "second label" in p for p in layout_problems), layout_problems
+    assert any("outside the figure: far outside" in p for p in layout_problems), layout_problems
+
+
+def test_page_loads_nothing_from_the_network_and_shares_plotly(toy, tmp_path):
+    cp, files, _ = toy
     text = files.html.read_text()
     markup = markup_outside_scripts(text)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", markup, flags=re.IGNORECASE)
-    assert "<script src" not in markup.lower()
-    assert text.count("* plotly.js v") == 1  # the bundle's licence header
+    # plotly.js is one file beside the page, not inside it: the page is small.
+    assert re.findall(r"<script src='([^']+)'>", markup) == ["plotly.min.js"]
+    assert (files.html.parent / "plotly.min.js").read_text().count("* plotly.js v") == 1
+    assert "* plotly.js v" not in text and len(text) < 200_000
+    # Opt in to one self-contained file: the library embedded once, nothing loaded.
+    single = saddlescope.report(cp, out=tmp_path / "single", single_file=True)
+    one = single.html.read_text()
+    assert one.count("* plotly.js v") == 1 and "<script src" not in markup_outside_scripts(one).lower()
+    assert not (tmp_path / "single" / "plotly.min.js").exists()
     # The only links are the report's own files, beside the page.
     for target in re.findall(r"""href=['"]([^'"]+)['"]""", markup):
         assert (files.html.parent / target).is_file()
@@ -296,8 +330,10 @@ def test_digits_mlp_spectrum_matches_the_dense_hessian(mlp, tmp_path):
         point_ij = cp.theta + plane["alphas"][j] * d1 + plane["betas"][i] * d2
         assert plane["losses"][i][j] == pytest.approx(float(obj.loss(point_ij)), rel=1e-10)
     assert report["blocks"]["whole"]["lambda_min"] == pytest.approx(float(truth[0]), rel=1e-5)
-    assert_renders(files.html, tmp_path, {"spectrum", "density", "surface", "contour", "escape-slice",
-                                          "escape-blocks", "blocks"})
+    # Two window sizes: no overlapping or clipped label on a wide or a narrow page.
+    for width in (1400, 760):
+        assert_renders(files.html, tmp_path, {"spectrum", "density", "surface", "contour", "escape-slice",
+                                              "escape-blocks", "blocks"}, width)
     assert set(files.pngs) == {"spectrum", "landscape_plane", "landscape_escape", "blocks"}
 
 

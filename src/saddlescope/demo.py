@@ -132,7 +132,7 @@ def run_demo(out: Path, console: Console | None = None, *, seed: int = 0, quick:
     with _progress(console) as progress:
         task = progress.add_task("exact Hessian (HVP chunks)", total=obj.n_params)
         started = time.perf_counter()
-        cp = analyze(obj, theta, progress=lambda done, total: progress.update(task, completed=done))
+        cp = analyze(obj, theta, exact=True, progress=lambda done, total: progress.update(task, completed=done))
         seconds = time.perf_counter() - started
     console.print(_verdict_table(f"at the stall (exact analysis in {seconds:.1f} s)", cp))
     if cp.kind == "not_critical" and cp.curvature_kind in ("saddle", "maximum"):

@@ -31,8 +31,8 @@ EXACT_AFFORDABLE_S = 10.0
 # confirmation (measured 60-110 on MLPs; a round figure on the high side).
 ITERATIVE_BASE_PRODUCTS = 100
 # LAPACK's syevd with vectors, one thread on this class of CPU: seconds per n^3 (1.7e-10 at n = 2,000,
-# 3.8e-10 at 500; the larger figure keeps the prediction on the safe side).
-EIGH_SECONDS_PER_N3 = 3e-10
+# 3.8e-10 at 500, both measured with other work running; the cubic term matters only for large n).
+EIGH_SECONDS_PER_N3 = 2e-10
 
 
 @dataclass

@@ -60,6 +60,7 @@ from saddlescope.landscape import landscape as landscape_slice
 from saddlescope.objective import Objective
 from saddlescope.report.io import to_jsonable, write_json
 from saddlescope.report.plots import _pyplot, _save, plot_blocks, plot_landscape
+from saddlescope.report.reading import plain_reading
 
 __all__ = ["REPORT_FORMAT", "ReportFiles", "write_report"]
 
@@ -127,6 +128,7 @@ def write_report(
     title: str | None = None,
     command: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    single_file: bool = False,
 ) -> ReportFiles:
     r"""Write ``report.html``, ``report.json`` and the PNGs for a verdict into the folder ``out``.
 
@@ -153,6 +155,9 @@ def write_report(
         title, command: shown in the page and recorded in the JSON.
         progress: ``progress(done, total)`` over the report's work units (density HVPs, loss
             evaluations, figures); ``done`` only grows and ends at ``total``.
+        single_file: embed plotly.js (about 4.6 MB) in the page, which then works on its own; by
+            default the page loads ``plotly.min.js`` written beside it once (a page is then tens of
+            kilobytes, and reports in one folder share the copy).
 
     Returns:
         The paths written (:class:`ReportFiles`).
@@ -239,7 +244,8 @@ def write_report(
     pngs = _write_pngs(folder, cp, payload, spectral, plane, line, blocks)
     tracker.advance("files", 3)
     payload["files"] = {"html": html_path.name, "json": json_path.name,
-                        "pngs": {name: path.name for name, path in pngs.items()}}
+                        "pngs": {name: path.name for name, path in pngs.items()},
+                        "plotly_js": None if single_file else _write_plotly_js(folder)}
     payload["seconds"] = time.perf_counter() - start
     write_json(json_path, payload)
     atomic_write_text(html_path, _page(payload, figures))
@@ -542,9 +548,10 @@ def _spectrum_figure(spectrum: dict[str, Any], cp: CriticalPoint):
         customdata=np.stack([edges[:-1], edges[1:]], 1).tolist(), marker_color="#4c78a8", name="count",
         hovertemplate="[%{customdata[0]:.4g}, %{customdata[1]:.4g}): %{y}<extra></extra>"), row=1, col=1)
     fig.add_vrect(x0=-tau, x1=tau, fillcolor="grey", opacity=0.3, line_width=0, row=1, col=1)
-    for value, name, colour in ((cp.lambda_min, "lambda_min", "#cf222e"), (cp.lambda_max, "lambda_max", "#1a7f37")):
-        fig.add_vline(x=value, line_dash="dot", line_color=colour, row=1, col=1,
-                      annotation_text=f"{name} = {value:.4g}", annotation_position="top")
+    for value, name, colour, side in ((cp.lambda_min, "lambda_min", "#cf222e", "left"),
+                                      (cp.lambda_max, "lambda_max", "#1a7f37", "right")):
+        fig.add_vline(x=value, line_dash="dot", line_color=colour, row=1, col=1)
+        _line_label(fig, value, f"{name} = {value:.4g}", side, colour, xref="x", yref="y domain")
     sym = spectrum["symlog"]
     sym_edges = sym["edges"]
     counts = sym["counts"]
@@ -558,12 +565,20 @@ def _spectrum_figure(spectrum: dict[str, Any], cp: CriticalPoint):
     fig.update_xaxes(tickvals=ticks, ticktext=[f"{sym_edges[i]:.2g}" for i in ticks],
                      title_text="lower edge of the bin (red: negative, grey: zero band, green: positive)", row=2, col=1)
     fig.update_xaxes(title_text="eigenvalue", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="count", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="count", row=2, col=1)
+    fig.update_yaxes(type="log", dtick=1, title_text="count", row=1, col=1)
+    fig.update_yaxes(type="log", dtick=1, title_text="count", row=2, col=1)
     fig.update_layout(height=720, showlegend=False, bargap=0.05,
                       title=f"Hessian spectrum: {spectrum['n']} eigenvalues ({cp.n_negative} negative, "
                             f"{cp.n_zero} zero, {cp.n_positive} positive)")
     return fig
+
+
+def _line_label(fig: Any, x: float, text: str, side: str, colour: str, *, xref: str, yref: str) -> None:
+    """A vertical line's label inside the plot, at its top, on the side away from the middle (labels
+    above the plot collide with the title and with each other on narrow pages)."""
+    fig.add_annotation(x=x, y=1, xref=xref, yref=yref, yanchor="top", xanchor="left" if side == "left" else "right",
+                       xshift=4 if side == "left" else -4, text=text, showarrow=False, font={"size": 11, "color": colour},
+                       bgcolor="rgba(255,255,255,0.7)")
 
 
 def _density_figure(density: dict[str, Any], cp: CriticalPoint):
@@ -574,22 +589,26 @@ def _density_figure(density: dict[str, Any], cp: CriticalPoint):
                                line_color="#4c78a8", hovertemplate="lambda %{x:.4g}: %{y:.3g}<extra></extra>"))
     est = cp.index_estimate
     if est is not None:
-        fig.add_vrect(x0=-est.delta, x1=est.delta, fillcolor="grey", opacity=0.25, line_width=0,
-                      annotation_text=f"unresolved |lambda| <= delta = {est.delta:.3g}", annotation_position="top left")
-    for value, name, colour in ((cp.lambda_min, "lambda_min", "#cf222e"), (cp.lambda_max, "lambda_max", "#1a7f37")):
-        fig.add_vline(x=value, line_dash="dot", line_color=colour,
-                      annotation_text=f"{name} = {value:.4g} ({cp.method})", annotation_position="top")
+        fig.add_vrect(x0=-est.delta, x1=est.delta, fillcolor="grey", opacity=0.25, line_width=0)
+        fig.add_annotation(x=0, y=0, xref="x", yref="y domain", yanchor="bottom", showarrow=False,
+                           text=f"unresolved |lambda| <= delta = {est.delta:.3g}", font={"size": 11},
+                           bgcolor="rgba(255,255,255,0.7)")
+    for value, name, colour, side in ((cp.lambda_min, "lambda_min", "#cf222e", "left"),
+                                      (cp.lambda_max, "lambda_max", "#1a7f37", "right")):
+        fig.add_vline(x=value, line_dash="dot", line_color=colour)
+        _line_label(fig, value, f"{name} = {value:.4g} ({cp.method})", side, colour, xref="x", yref="y domain")
     floor = max(peak * 1e-7, 1e-300)
     if cp.eigenvalues.numel() < cp.n_params:  # the iterative path's Ritz values, as a rug
         ritz = cp.eigenvalues.tolist()
         fig.add_trace(go.Scatter(x=ritz, y=[floor * 3] * len(ritz), mode="markers", name="Ritz values",
                                  marker={"symbol": "line-ns-open", "size": 14, "color": "#cf222e"},
                                  hovertemplate="Ritz value %{x:.6g}<extra></extra>"))
-    fig.update_yaxes(type="log", range=[math.log10(floor), math.log10(max(peak, floor)) + 0.3], title_text="density")
+    fig.update_yaxes(type="log", dtick=1, range=[math.log10(floor), math.log10(max(peak, floor)) + 0.3],
+                     title_text="density")
     fig.update_xaxes(title_text="eigenvalue")
-    fig.update_layout(height=420, title=f"spectral density by stochastic Lanczos quadrature ({density['hvp_count']} "
+    fig.update_layout(height=440, title=f"spectral density by stochastic Lanczos quadrature<br><sup>{density['hvp_count']} "
                                         f"HVPs, sigma = {density['sigma']:.3g}; extreme Ritz nodes "
-                                        f"{density['lambda_min']:.4g}, {density['lambda_max']:.4g})")
+                                        f"{density['lambda_min']:.4g}, {density['lambda_max']:.4g}</sup>")
     return fig
 
 
@@ -601,8 +620,11 @@ def _surface_figure(plane: LandscapeSlice):
                                colorbar={"title": {"text": "loss"}}, name="loss"))
     fig.add_trace(go.Scatter3d(x=[0.0], y=[0.0], z=[plane.center_loss], mode="markers", name="theta",
                                marker={"size": 5, "color": "red"}))
-    fig.update_layout(height=560, title="loss surface on the plane of the extreme eigenvectors",
-                      scene={"xaxis_title": plane.labels[0], "yaxis_title": plane.labels[1], "zaxis_title": "loss"})
+    fig.update_layout(height=620, title="loss surface on the plane of the extreme eigenvectors",
+                      margin={"l": 10, "r": 10, "b": 10, "t": 60},
+                      scene={"xaxis_title": plane.labels[0], "yaxis_title": plane.labels[1], "zaxis_title": "loss",
+                             "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.2}},
+                             "domain": {"x": [0.0, 0.9], "y": [0.05, 1.0]}})
     return fig
 
 
@@ -670,7 +692,7 @@ def _blocks_figure(blocks: dict[str, Any]):
                                   "array": [max(r["trace_high"] - r["trace"], 0.0) for r in rows],
                                   "arrayminus": [max(r["trace"] - r["trace_low"], 0.0) for r in rows]},
                          hovertemplate="%{y}: trace %{x:.4g}<extra></extra>"), row=1, col=2)
-    fig.update_xaxes(type="log", title_text="magnitude", row=1, col=1)
+    fig.update_xaxes(type="log", dtick=1, title_text="magnitude", row=1, col=1)
     fig.update_xaxes(title_text="trace", row=1, col=2)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_layout(height=200 + 45 * len(rows), barmode="group", title=f"Hessian blocks by {blocks['by']}",
@@ -785,8 +807,49 @@ _RENDER = """(function () {
     return Plotly.newPlot(f.id, f.figure.data, f.figure.layout, config);
   });
   Promise.all(jobs).then(function () {
+    document.body.setAttribute("data-layout-problems", JSON.stringify(layoutProblems()));
     document.body.setAttribute("data-plots-rendered", String(jobs.length));
   });
+
+  // What a reader would see as broken, measured on the rendered SVG (the 3-D scene is WebGL and not
+  // covered): tick labels of one axis overlapping each other, an axis title over tick labels, and
+  // text outside its figure (clipped).
+  function overlap(a, b) {
+    return a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+  }
+  function boxes(nodes) {
+    return Array.prototype.map.call(nodes, function (t) { return {text: t.textContent, r: t.getBoundingClientRect()}; })
+      .filter(function (b) { return b.r.width > 0 && b.r.height > 0; });
+  }
+  function layoutProblems() {
+    var problems = [];
+    document.querySelectorAll(".plot").forEach(function (plot) {
+      var frame = plot.getBoundingClientRect();
+      var ticks = [];
+      plot.querySelectorAll("g.xaxislayer-above, g.yaxislayer-above").forEach(function (layer) {
+        var labels = boxes(layer.querySelectorAll("text"));
+        for (var i = 0; i < labels.length; i++) for (var j = i + 1; j < labels.length; j++)
+          if (overlap(labels[i].r, labels[j].r))
+            problems.push(plot.id + ": tick labels overlap: " + labels[i].text + " / " + labels[j].text);
+        ticks = ticks.concat(labels);
+      });
+      boxes(plot.querySelectorAll("g.g-xtitle text, g.g-ytitle text, g[class^='g-x'][class$='title'] text, " +
+                                  "g[class^='g-y'][class$='title'] text")).forEach(function (title) {
+        ticks.forEach(function (tick) {
+          if (overlap(title.r, tick.r)) problems.push(plot.id + ": axis title over tick labels: " + title.text);
+        });
+      });
+      var labels = boxes(plot.querySelectorAll("g.annotation text, g.g-gtitle text"));
+      for (var a = 0; a < labels.length; a++) for (var b = a + 1; b < labels.length; b++)
+        if (overlap(labels[a].r, labels[b].r))
+          problems.push(plot.id + ": labels overlap: " + labels[a].text + " / " + labels[b].text);
+      boxes(plot.querySelectorAll("svg text")).forEach(function (b) {
+        if (b.r.left < frame.left - 1 || b.r.right > frame.right + 1 || b.r.top < frame.top - 1 ||
+            b.r.bottom > frame.bottom + 1) problems.push(plot.id + ": text outside the figure: " + b.text);
+      });
+    });
+    return problems.filter(function (p, i, all) { return all.indexOf(p) === i; });
+  }
 })();"""
 
 _CSS = """
@@ -795,7 +858,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 
 h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; margin-top: 2rem; }
 .badge { display: inline-block; color: white; border-radius: 1rem; padding: .2rem .9rem; font-weight: 600;
          font-size: 1.2rem; }
-.reason { font-size: 1.05rem; margin: .6rem 0 1rem; }
+.reason { margin: .6rem 0 1rem; }
+#reading p { font-size: 1.08rem; margin: .5rem 0; max-width: 60rem; }
 table { border-collapse: collapse; margin: .5rem 0; } td, th { padding: .2rem .8rem .2rem 0; text-align: left;
         vertical-align: top; } th { color: #57606a; font-weight: 500; }
 td.num { font-variant-numeric: tabular-nums; }
@@ -913,7 +977,8 @@ def _header(payload: dict[str, Any]) -> str:
         f"<h1>{html.escape(payload['title'])}</h1>\n"
         f"<div id=verdict><span class=badge style='background:{colour}'>{html.escape(c['kind'])}</span> "
         f"<span class=note>(second-order test: {html.escape(c['curvature_kind'])})</span></div>\n"
-        f"<p class=reason id=reason>{html.escape(c['reason'])}</p>\n"
+        f"<div id=reading>{''.join(f'<p>{html.escape(line)}</p>' for line in plain_reading(c))}</div>\n"
+        f"<p class=reason id=reason><span class=note>Why:</span> {html.escape(c['reason'])}</p>\n"
         f"<table id=summary>{_rows(items)}</table>\n"
         + (f"<h3>Notes</h3><ul id=notes>{notes}</ul>\n" if notes else "")
     )
@@ -948,10 +1013,33 @@ def _div(fig_id: str, ids: set[str]) -> str:
     return f"<div id='{fig_id}' class=plot></div>" if fig_id in ids else ""
 
 
-def _page(payload: dict[str, Any], figures: list[tuple[str, Any]]) -> str:
-    """The HTML: error capture first, plotly.js once, then sections; figures drawn from a JSON island."""
-    import plotly.io as pio
+PLOTLY_JS = "plotly.min.js"
+
+
+def _write_plotly_js(folder: Path) -> str:
+    """plotly.js beside the page (kept when an identical copy is already there); returns its name."""
     from plotly.offline import get_plotlyjs
+
+    path, code = folder / PLOTLY_JS, get_plotlyjs()
+    if not (path.is_file() and path.stat().st_size == len(code.encode()) and path.read_text() == code):
+        atomic_write_text(path, code)
+    return PLOTLY_JS
+
+
+def _plotly_script(payload: dict[str, Any]) -> str:
+    """plotly.js: a script element loading the shared copy beside the page, or the library inline."""
+    shared = payload["files"].get("plotly_js")
+    if shared:
+        return f"<script src='{html.escape(shared)}'></script>"
+    from plotly.offline import get_plotlyjs
+
+    return f"<script>{get_plotlyjs()}</script>"
+
+
+def _page(payload: dict[str, Any], figures: list[tuple[str, Any]]) -> str:
+    """The HTML: error capture first, plotly.js (shared or inline), then sections; figures drawn from a
+    JSON island."""
+    import plotly.io as pio
 
     ids = {fig_id for fig_id, _ in figures}
     data = [{"id": fig_id, "figure": json.loads(pio.to_json(fig, validate=False))} for fig_id, fig in figures]
@@ -980,7 +1068,7 @@ def _page(payload: dict[str, Any], figures: list[tuple[str, Any]]) -> str:
         f"<title>{html.escape(payload['title'])}</title>\n"
         "<meta name=viewport content='width=device-width, initial-scale=1'>\n"
         f"<style>{_CSS}</style>\n"
-        f"<script>{get_plotlyjs()}</script>\n"
+        f"{_plotly_script(payload)}\n"
         f"</head>\n<body data-plots-expected={len(figures)}>\n{body}\n"
         f"<script type='application/json' id=figure-data>{island}</script>\n"
         f"<script type='application/json' id=plotly-config>{json.dumps(PLOTLY_CONFIG)}</script>\n"
