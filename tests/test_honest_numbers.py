@@ -140,3 +140,28 @@ def test_the_report_shows_bounds_and_fractions(tmp_path):
     assert "an upper bound" in page and "estimates, not counts" in page
     assert report["critical_point"]["n_negative"] is None
     assert report["critical_point"]["quantities"]["index"]["is"] == "estimate"
+
+
+def test_a_layernorm_model_matches_finite_differences():
+    # torch.func's second derivatives through layer_norm are wrong in torch 2.13 (CPU); ours must not be.
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(17, 4, dtype=torch.float64), torch.randn(17, 3, dtype=torch.float64)
+    obj = ss.Objective.from_model(model, torch.nn.functional.mse_loss, (x, y))
+    theta = obj.theta0 + 0.2 * torch.randn(obj.n_params, dtype=torch.float64)
+    h = 1e-5
+    columns = []
+    for j in range(obj.n_params):  # central differences of the gradient, column by column
+        e = torch.zeros(obj.n_params, dtype=torch.float64)
+        e[j] = h
+        columns.append((obj.grad(theta + e) - obj.grad(theta - e)) / (2 * h))
+    fd = torch.stack(columns, 1)
+    fd = 0.5 * (fd + fd.T)
+    hess = obj.hessian(theta)
+    assert float((hess - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+    v = torch.randn(obj.n_params, dtype=torch.float64)
+    assert torch.allclose(obj.hvp(theta, v), fd @ v, rtol=0, atol=1e-6 * float(fd.abs().max()) * float(v.norm()))
+    truth = torch.linalg.eigvalsh(fd)
+    cp = ss.analyze(obj, theta, exact=True)
+    assert torch.allclose(cp.eigenvalues, truth, rtol=0, atol=1e-6 * float(truth.abs().max()))
