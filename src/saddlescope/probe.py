@@ -1,4 +1,4 @@
-"""What the zero band hides: probing the null space of a degenerate point, and eigenvalues inside the
+r"""What the zero band hides: probing the null space of a degenerate point, and eigenvalues inside the
 band that rounding cannot explain.
 
 The second-order test counts an eigenvalue as zero when :math:`|\lambda| \le` ``rtol``
