@@ -164,9 +164,10 @@ def run_demo(out: Path, console: Console | None = None, *, seed: int = 0, quick:
             f"after one escape step {steps_to(escaped_stop)}"
         )
         curve = plot_loss_curve(
-            losses + plain, out / "digits_loss.png",
+            losses + plain, out / "digits_loss.png", label="plain gradient descent",
+            runs=[("after one escape step at the stall", len(losses) - 1, [jump.loss_before, *escaped])],
             markers=[(len(losses) - 1, "stall: analyse + escape")],
-            title="digits MLP, plain gradient descent",
+            title="digits MLP: gradient descent with and without an escape step",
         )
         console.print(f"loss curve: {curve}")
         result.update({"escape": jump.to_dict(vectors=False), "target_loss": target,

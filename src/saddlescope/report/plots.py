@@ -105,18 +105,36 @@ def plot_loss_curve(
     *,
     markers: Sequence[tuple[int, str]] = (),
     title: str = "training loss",
+    label: str | None = None,
+    runs: Sequence[tuple[str, int, Sequence[float]]] = (),
 ) -> Path:
-    """Loss against step (log scale), with labelled vertical markers (e.g. ``(step, "stall")``)."""
+    """Loss against step (log scale), with labelled vertical markers (e.g. ``(step, "stall")``).
+
+    Args:
+        losses: the main run, from step 0 (``label`` names it in the legend).
+        runs: more runs as ``(label, first step, losses)``, e.g. training resumed after an escape step,
+            drawn on the same axes so the two can be compared step for step.
+    """
+    from matplotlib import ticker
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(np.arange(len(losses)), losses, lw=1.5)
-    for step, label in markers:
-        ax.axvline(step, color="red", ls="--", lw=1)
-        ax.text(step, ax.get_ylim()[1], f" {label}", color="red", va="top", fontsize=8)
+    ax.plot(np.arange(len(losses)), losses, lw=1.5, label=label)
+    for name, start, values in runs:
+        ax.plot(np.arange(start, start + len(values)), values, lw=1.5, label=name)
     ax.set_yscale("log")
+    # Plain numbers on the log axis: a range within one decade otherwise reads "2.3x10^0".
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    top = ax.get_ylim()[1]
+    for step, text in markers:
+        ax.axvline(step, color="red", ls="--", lw=1)
+        ax.text(step, top, f" {text}", color="red", va="top", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
+    if label is not None or runs:
+        ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
     return _save(fig, path)
 
 
