@@ -103,3 +103,45 @@ def test_estimators_are_reproducible_and_check_input():
     with pytest.raises(errors.InvalidInputError):
         ss.index_estimate(op, delta=-1.0, n_probes=2, steps=5)
     assert math.isfinite(ss.trace(op, 6).value)
+
+
+def outlier_spectrum(n=600, seed=0):
+    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
+    gen = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
+    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
+    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
+
+
+def test_deflating_known_pairs_sharpens_the_resolution_and_keeps_the_truth_inside_the_bars():
+    values = outlier_spectrum()
+    op = planted(values)
+    dense = op.matmat(torch.eye(values.numel(), dtype=torch.float64))
+    w, v = torch.linalg.eigh(0.5 * (dense + dense.T))
+    plain = ss.index_estimate(op, n_probes=6, steps=40, seed=1)
+    deflated = ss.index_estimate(op, n_probes=6, steps=40, seed=1, deflate=(w[-5:], v[:, -5:]))
+    # The nodes no longer have to span the outliers: the default resolution shrinks ~ 100 / 1.
+    assert deflated.delta < 0.1 * plain.delta and deflated.deflated == 5
+    for est in (plain, deflated):
+        below = float((values < -est.delta).double().mean())
+        above = float((values > est.delta).double().mean())
+        assert abs(est.value - below) <= est.error, (est.value, below, est.error)
+        assert abs(est.min_ratio - above) <= est.min_ratio_error
+    assert abs(deflated.value - float((values < -deflated.delta).double().mean())) < 0.02
+
+
+def test_adaptive_probes_stop_on_target_or_budget():
+    op = planted(outlier_spectrum())
+    loose = ss.index_estimate(op, delta=0.2, n_probes=10, steps=30, seed=2, target_error=1.0)
+    assert loose.n_probes == 2 and loose.stopped == "target_error"
+    capped = ss.index_estimate(op, delta=0.2, n_probes=10, steps=30, seed=2, max_hvps=100, target_error=1e-9)
+    assert capped.hvp_count <= 100 and capped.stopped in ("max_hvps", "quadrature_bound")
+    # The same probes whatever the count: an adaptive run's first probes are a fixed run's.
+    fixed = ss.index_estimate(op, delta=0.2, n_probes=2, steps=30, seed=2)
+    assert loose.value == pytest.approx(fixed.value, rel=1e-12)
+
+
+def test_an_estimate_that_resolves_nothing_stops_after_one_probe_and_says_so():
+    values = torch.cat([torch.tensor([100.0]), 1e-3 * torch.linspace(-1, 1, 399)]).double()
+    est = ss.index_estimate(planted(values), n_probes=5, steps=20, seed=0, adaptive=True)
+    assert not est.resolved and est.stopped == "unresolved" and est.n_probes == 1 and est.within > 0.95

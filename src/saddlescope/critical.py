@@ -317,6 +317,7 @@ def analyze(
     stop_at_certificate: bool = True,
     progress: Callable[[int, int], None] | None = None,
     exact_affordable_s: float = EXACT_AFFORDABLE_S,
+    index_hvps: int | None = None,
 ) -> CriticalPoint:
     """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
 
@@ -348,8 +349,12 @@ def analyze(
             needs) or a quarter of the zero threshold, whichever is larger. Default by dtype
             (:data:`DEFAULT_EIG_TOL`).
         max_hvps: product budget of each eigensolver run (default: the solver's).
-        index_probes, index_steps: stochastic Lanczos quadrature for the index estimate (0 probes
-            skips it: ``index``/``min_ratio`` are then NaN unless the verdict fixes them).
+        index_probes, index_steps: stochastic Lanczos quadrature for the index estimate: at most
+            ``index_probes`` probes of ``index_steps`` steps, added while they shrink the error bar
+            (:func:`~saddlescope.curvature.index.index_estimate`; the converged extreme pairs are
+            deflated and counted exactly). 0 probes skips it: ``index``/``min_ratio`` are then NaN
+            unless the verdict fixes them.
+        index_hvps: product budget of the index estimate (default: ``index_probes * index_steps``).
         stop_at_certificate: iterative path: stop the bottom run at the first confirmed Rayleigh
             quotient below the zero threshold (the saddle is proved; ``eigenvalues[0]`` is then that
             quotient, an upper bound on lambda_min). False goes on to converge lambda_min from there.
@@ -390,7 +395,7 @@ def analyze(
         point = _analyze_iterative(
             objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
             eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
-            stop_at_certificate=stop_at_certificate, progress=progress,
+            stop_at_certificate=stop_at_certificate, progress=progress, index_hvps=index_hvps,
         )
     point.notes = list(objective.notes)
     if plan is not None:
@@ -539,6 +544,7 @@ def _analyze_iterative(
     index_steps: int,
     stop_at_certificate: bool,
     progress: Callable[[int, int], None] | None,
+    index_hvps: int | None = None,
 ) -> CriticalPoint:
     r"""The iterative path.
 
@@ -602,7 +608,8 @@ def _analyze_iterative(
         index, min_ratio = 1.0, 0.0
     elif index_probes > 0:
         t0 = time.perf_counter()
-        estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2)
+        estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2,
+                                  deflate=_converged_pairs(top, bottom), max_hvps=index_hvps, adaptive=True)
         seconds["index"] = time.perf_counter() - t0
         index, min_ratio = estimate.value, estimate.min_ratio
     # Counts only where the verdict proves them; an estimate stays a fraction with its interval.
@@ -664,6 +671,32 @@ def _analyze_iterative(
     )
 
 
+STOP_REASONS = {
+    "probes": "all probes run",
+    "target_error": "the error met its target",
+    "quadrature_bound": "sampling error below the quadrature bracket (more probes would not help)",
+    "max_hvps": "product budget spent",
+    "unresolved": "nearly all of the spectrum is unresolved at this delta",
+}
+
+
+def _converged_pairs(*runs: Any) -> tuple[Tensor, Tensor] | None:
+    """The converged eigenpairs of Lanczos runs, vectors orthonormalised together (pairs from two runs
+    are orthogonal only to the accuracy of their residuals), for deflation; None when there are none."""
+    values, vectors = [], []
+    for run in runs:
+        keep = run.converged.cpu()
+        values.append(run.eigenvalues.cpu()[keep].double())
+        vectors.append(run.eigenvectors[:, keep.to(run.eigenvectors.device)].double())
+    vals, vecs = torch.cat(values), torch.cat(vectors, 1)
+    if vals.numel() == 0:
+        return None
+    # Drop near-duplicates (the same eigenvector found from both ends of a small spectrum).
+    q, r = torch.linalg.qr(vecs)
+    independent = r.diagonal().abs() > 1e-6
+    return vals[independent], q[:, independent]
+
+
 def _exact_quantities(
     vals: Tensor, n_neg: int, n_zero: int, n_pos: int, rounding: float, threshold: float,
 ) -> dict[str, Quantity]:
@@ -710,8 +743,11 @@ def _iterative_quantities(
         why = f"proved by the verdict ({curvature_kind}: no eigenvalue within the zero threshold)"
         neg, zero, pos = (Quantity.exact(x, basis=why) for x in proved)
     elif estimate is not None:
-        how = (f"stochastic Lanczos quadrature, {estimate.n_probes} probes x {estimate.steps} steps; "
-               f"error = 2 stderr + quadrature bracket")
+        how = (f"stochastic Lanczos quadrature, {estimate.n_probes} probes x {estimate.steps} steps"
+               + (f", {estimate.deflated} known eigenpairs deflated" if estimate.deflated else "")
+               + f", stopped: {STOP_REASONS.get(estimate.stopped, estimate.stopped)}; error = 2 stderr + quadrature bracket")
+        if not estimate.resolved:
+            how = f"NOT RESOLVED: most of the spectrum lies within +-delta = {estimate.delta:.3g}; " + how
         neg = Quantity.estimate(estimate.value, estimate.error, f"fraction below -delta; {how}", (0.0, 1.0))
         pos = Quantity.estimate(estimate.min_ratio, estimate.min_ratio_error, f"fraction above +delta; {how}",
                                 (0.0, 1.0))

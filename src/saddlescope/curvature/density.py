@@ -9,7 +9,15 @@ first components of its eigenvectors (Gauss quadrature: exact for polynomials of
 with :math:`f` a Gaussian bump this is the smoothed eigenvalue density.
 
 Each probe runs the package's one Lanczos step with full reorthogonalisation (memory: ``n * steps``
-numbers; probes run one after another).
+numbers; probes run one after another, and each probe's basis is freed before the next is made).
+
+Deflation. When eigenpairs :math:`(\lambda_i, u_i)` are already known (the extreme pairs a verdict
+computed), the quadrature runs on :math:`PAP` restricted to the complement, :math:`P = I - UU^\top`:
+probes :math:`Pz`, products :math:`P A P v`. Then :math:`z^\top P f(PAP) P z` estimates the sum of
+:math:`f` over the remaining eigenvalues, and the spectrum the nodes must resolve shrinks from
+:math:`[\lambda_{min}, \lambda_{max}]` to what is left (the top outliers of a network's Hessian are
+most of its span), so the same number of nodes places an eigenvalue more finely. Each probe's
+quadrature then stands for :math:`\|Pz\|^2 / n` of the trace (``Quadrature.scale``).
 """
 
 from __future__ import annotations
@@ -34,18 +42,23 @@ class Quadrature:
     weights: Tensor
     hvp_count: int
     seed: int
+    scale: Tensor | None = None  # per probe: the share of (1/n) tr it stands for (deflation: |Pz|^2/n)
+    deflated: int = 0  # eigenpairs projected out
 
     @property
     def n_probes(self) -> int:
         return self.nodes.shape[0]
 
     def per_probe(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """The quadrature of ``fn`` for each probe: ``sum_i w_i fn(theta_i)``."""
-        return (self.weights * fn(self.nodes)).sum(1)
+        """The quadrature of ``fn`` for each probe: ``scale * sum_i w_i fn(theta_i)`` (an estimate of
+        ``(1/n) sum f(lambda)`` over the eigenvalues not deflated)."""
+        values = (self.weights * fn(self.nodes)).sum(1)
+        return values if self.scale is None else self.scale * values
 
     def to_dict(self) -> dict[str, Any]:
         return {"nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
-                "hvp_count": self.hvp_count, "seed": self.seed}
+                "hvp_count": self.hvp_count, "seed": self.seed, "deflated": self.deflated,
+                "scale": None if self.scale is None else self.scale.tolist()}
 
 
 def rademacher(n: int, count: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -62,44 +75,101 @@ def lanczos_quadrature(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     progress: Callable[[int, int], None] | None = None,
+    deflate: Tensor | None = None,
 ) -> Quadrature:
-    """Run ``steps`` Lanczos steps from each of ``n_probes`` Rademacher probes; return nodes and weights."""
-    n = int(op.shape[0])
+    """Run ``steps`` Lanczos steps from each of ``n_probes`` Rademacher probes; return nodes and weights.
+
+    Args:
+        deflate: orthonormal columns ``U`` (shape ``(n, k)``) of known eigenvectors to project out
+            (see the module docstring); the quadrature then covers the other ``n - k`` eigenvalues.
+    """
     if not (isinstance(n_probes, int) and n_probes >= 1):
         raise InvalidInputError(f"n_probes must be a positive integer, got {n_probes}")
     if not (isinstance(steps, int) and steps >= 1):
         raise InvalidInputError(f"steps must be a positive integer, got {steps}")
-    steps = min(steps, n)
-    probes = rademacher(n, n_probes, seed, dtype)
+    rows = [quadrature_probe(op, p, steps, seed=seed, dtype=dtype, deflate=deflate) for p in _counted(n_probes, progress)]
+    return stack_probes(rows, seed, 0 if deflate is None else int(deflate.shape[1]))
+
+
+def _counted(n: int, progress: Callable[[int, int], None] | None):
+    for p in range(n):
+        yield p
+        if progress is not None:
+            progress(p + 1, n)
+
+
+@dataclass
+class ProbeQuadrature:
+    """One probe's Gauss quadrature: ``nodes``, ``weights`` (summing to 1), the share of the trace it
+    stands for (``scale``) and the products it cost."""
+
+    nodes: Tensor
+    weights: Tensor
+    scale: float
+    hvp_count: int
+
+
+def quadrature_probe(
+    op: Any, index: int, steps: int, *, seed: int = 0, dtype: torch.dtype = torch.float64,
+    deflate: Tensor | None = None,
+) -> ProbeQuadrature:
+    """The quadrature of probe number ``index`` of the Rademacher sequence drawn from ``seed``: the
+    same probe whatever the number of probes, so an adaptive run and a fixed one agree."""
+    n = int(op.shape[0])
+    steps = min(steps, n if deflate is None else n - int(deflate.shape[1]))
+    z = _probe_vector(n, index, seed, dtype).to(op.device)
     products = 0
+    project: Callable[[Tensor], Tensor]
+    if deflate is None:
+        project = lambda x: x  # noqa: E731
+    else:
+        basis_u = deflate.to(device=op.device, dtype=dtype)
+        project = lambda x: x - basis_u @ (basis_u.T @ x)  # noqa: E731
 
     def apply(block: Tensor) -> Tensor:
         nonlocal products
         products += block.shape[1]
-        return op.matmat(block.to(op.dtype)).to(dtype)
+        return project(op.matmat(project(block).to(op.dtype)).to(dtype))
 
-    nodes = torch.zeros(n_probes, steps, dtype=dtype)
-    weights = torch.zeros(n_probes, steps, dtype=dtype)
-    for p in range(n_probes):
-        basis = torch.zeros(steps + 1, n, dtype=dtype, device=op.device)
-        proj = torch.zeros(steps, steps, dtype=dtype, device=op.device)
-        basis[0] = probes[:, p].to(op.device) / math.sqrt(n)
-        m, scale = steps, 0.0
-        for j in range(steps):
-            beta = lanczos_step(apply, basis, proj, j)
-            scale = max(scale, float(proj[: j + 1, j].abs().max()))
-            if beta <= 1e-12 * max(scale, 1e-300):
-                m = j + 1  # invariant subspace: the quadrature is exact with m nodes
-                break
-        t = proj[:m, :m]
-        theta, s = torch.linalg.eigh(0.5 * (t + t.T))
-        nodes[p, :m] = theta.cpu()
-        weights[p, :m] = (s[0, :] ** 2).cpu()
-        if m < steps:  # pad with zero-weight copies so rows stack
-            nodes[p, m:] = theta[-1].cpu()
-        if progress is not None:
-            progress(p + 1, n_probes)
-    return Quadrature(nodes=nodes, weights=weights, hvp_count=products, seed=seed)
+    start = project(z.unsqueeze(1))[:, 0]
+    norm2 = float(start @ start)
+    if steps < 1 or norm2 <= 0:
+        return ProbeQuadrature(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype), 0.0, 0)
+    basis = torch.zeros(steps + 1, n, dtype=dtype, device=op.device)
+    proj = torch.zeros(steps, steps, dtype=dtype, device=op.device)
+    basis[0] = start / math.sqrt(norm2)
+    m, scale = steps, 0.0
+    for j in range(steps):
+        beta = lanczos_step(apply, basis, proj, j)
+        scale = max(scale, float(proj[: j + 1, j].abs().max()))
+        if beta <= 1e-12 * max(scale, 1e-300):
+            m = j + 1  # invariant subspace: the quadrature is exact with m nodes
+            break
+    t = proj[:m, :m]
+    theta, s = torch.linalg.eigh(0.5 * (t + t.T))
+    return ProbeQuadrature(theta.cpu(), (s[0, :] ** 2).cpu(), norm2 / n, products)
+
+
+def _probe_vector(n: int, index: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """Rademacher probe ``index`` of the sequence from ``seed`` (rows fill first, so the first probes
+    are the same however many are drawn)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randint(0, 2, (index + 1, n), generator=gen)[index] * 2 - 1).to(dtype)
+
+
+def stack_probes(rows: list[ProbeQuadrature], seed: int, deflated: int = 0) -> Quadrature:
+    """Probes of possibly different lengths as one :class:`Quadrature` (short rows padded with
+    zero-weight copies of their last node)."""
+    width = max(r.nodes.numel() for r in rows)
+    nodes = torch.zeros(len(rows), width, dtype=torch.float64)
+    weights = torch.zeros(len(rows), width, dtype=torch.float64)
+    for p, row in enumerate(rows):
+        m = row.nodes.numel()
+        nodes[p, :m], weights[p, :m] = row.nodes.double(), row.weights.double()
+        nodes[p, m:] = row.nodes[-1]
+    scale = None if deflated == 0 else torch.tensor([r.scale for r in rows], dtype=torch.float64)
+    return Quadrature(nodes=nodes, weights=weights, hvp_count=sum(r.hvp_count for r in rows), seed=seed,
+                      scale=scale, deflated=deflated)
 
 
 @dataclass

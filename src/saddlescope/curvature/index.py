@@ -14,6 +14,14 @@ the sampling error alone is badly overconfident near zero (on a digits MLP at :m
 Why a band :math:`\pm\delta`: Gauss quadrature with :math:`m` nodes cannot place an eigenvalue more
 finely than about :math:`(\lambda_{max}-\lambda_{min})/m`, and trained networks have much of their
 spectrum there, so the sign of that mass is not resolved and is reported as such, never guessed.
+
+Spending products where they prove something: eigenpairs already computed (the verdict's extreme
+pairs) are deflated (:mod:`saddlescope.curvature.density`), their signs counted exactly, so the span
+the nodes must resolve shrinks by about :math:`\lambda_{max}/\lambda_{k+1}`; and probes are added one
+at a time only while they shrink the error bar: the run stops when the error meets ``target_error``,
+when the sampling error is already below the quadrature bracket (more probes cannot shrink what is
+left), when the next probe would overrun ``max_hvps``, or after one probe when nearly everything is
+unresolved at this resolution (``resolved`` is then False: the estimate says nothing useful).
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from saddlescope.curvature.density import Quadrature, lanczos_quadrature
+from saddlescope.curvature.density import ProbeQuadrature, Quadrature, quadrature_probe, stack_probes
 from saddlescope.errors import InvalidInputError
 
 
@@ -54,6 +63,9 @@ class IndexEstimate:
     steps: int
     hvp_count: int
     seed: int
+    deflated: int = 0
+    stopped: str = "probes"
+    resolved: bool = True
 
     @property
     def error(self) -> float:
@@ -69,7 +81,8 @@ class IndexEstimate:
 
 def _cms_half_width(quad: Quadrature, c: float) -> float:
     """Mean over probes of the CMS bracket half-width of the cumulative weight below ``c``:
-    the larger of the weights of the last node below ``c`` and the first node at or above it."""
+    the larger of the weights of the last node below ``c`` and the first node at or above it (times
+    the share of the trace the probe stands for, under deflation)."""
     below = quad.nodes < c
     w_below = torch.where(below, quad.weights, torch.zeros_like(quad.weights))
     w_above = torch.where(~below, quad.weights, torch.zeros_like(quad.weights))
@@ -78,7 +91,12 @@ def _cms_half_width(quad: Quadrature, c: float) -> float:
     last = nodes_below.argmax(1, keepdim=True)
     first = nodes_above.argmin(1, keepdim=True)
     adjacent = torch.maximum(w_below.gather(1, last), w_above.gather(1, first))[:, 0]
+    if quad.scale is not None:
+        adjacent = adjacent * quad.scale
     return float(adjacent.mean())
+
+
+UNRESOLVED_SKIP = 0.95
 
 
 def index_estimate(
@@ -89,22 +107,68 @@ def index_estimate(
     steps: int = 80,
     seed: int = 0,
     quadrature: Quadrature | None = None,
+    deflate: tuple[Tensor, Tensor] | None = None,
+    max_hvps: int | None = None,
+    target_error: float | None = None,
+    adaptive: bool = False,
 ) -> IndexEstimate:
     """Estimate the fraction of negative eigenvalues (and the minimum ratio) of ``op``.
 
     Args:
         delta: eigenvalues within ``+-delta`` are counted as unresolved; default the quadrature's
             resolution ``(max node - min node) / steps``.
+        n_probes: probes (with ``adaptive``: at most this many).
         quadrature: reuse a :func:`lanczos_quadrature` (no new HVPs).
+        deflate: known eigenpairs ``(values, vectors)`` (vectors orthonormal columns): counted exactly
+            and projected out of the quadrature.
+        max_hvps, target_error, adaptive: add probes one at a time and stop early (module docstring);
+            ``max_hvps`` and ``target_error`` imply ``adaptive``.
     """
-    quad = quadrature or lanczos_quadrature(op, n_probes, steps, seed=seed)
+    if delta is not None and delta < 0:
+        raise InvalidInputError(f"delta must be >= 0, got {delta}")
+    values, vectors = (None, None) if deflate is None else deflate
+    if quadrature is not None:
+        return _estimate(quadrature, delta, op.shape[0], values)
+    adaptive = adaptive or max_hvps is not None or target_error is not None
+    rows: list[ProbeQuadrature] = []
+    stopped, resolved = "probes", True
+    while len(rows) < n_probes:
+        cost = sum(r.hvp_count for r in rows)
+        if max_hvps is not None and rows and cost + rows[-1].hvp_count > max_hvps:
+            stopped = "max_hvps"
+            break
+        rows.append(quadrature_probe(op, len(rows), steps, seed=seed, deflate=vectors))
+        if not adaptive:
+            continue
+        est = _estimate(stack_probes(rows, seed, 0 if vectors is None else int(vectors.shape[1])), delta,
+                        op.shape[0], values)
+        if len(rows) == 1 and est.within >= UNRESOLVED_SKIP:
+            stopped, resolved = "unresolved", False
+            break
+        if len(rows) >= 2:
+            if target_error is not None and max(est.error, est.min_ratio_error) <= target_error:
+                stopped = "target_error"
+                break
+            if 2 * max(est.stderr, est.min_ratio_stderr) <= max(est.quadrature_bound, est.min_ratio_quadrature_bound):
+                stopped = "quadrature_bound"
+                break
+    quad = stack_probes(rows, seed, 0 if vectors is None else int(vectors.shape[1]))
+    est = _estimate(quad, delta, op.shape[0], values)
+    est.stopped, est.resolved = stopped, resolved
+    return est
+
+
+def _estimate(quad: Quadrature, delta: float | None, n: int, deflated: Tensor | None) -> IndexEstimate:
+    """The fractions from a quadrature, plus the deflated eigenvalues counted exactly."""
     m = quad.nodes.shape[1]
     span = float(quad.nodes.max() - quad.nodes.min())
     delta = span / m if delta is None else float(delta)
-    if delta < 0:
-        raise InvalidInputError(f"delta must be >= 0, got {delta}")
     below = quad.per_probe(lambda x: (x < -delta).to(x.dtype))
     above = quad.per_probe(lambda x: (x > delta).to(x.dtype))
+    if deflated is not None:
+        known = deflated.double().cpu()
+        below = below + float((known < -delta).sum()) / n
+        above = above + float((known > delta).sum()) / n
     within = 1.0 - below - above
     p = quad.n_probes
 
@@ -117,4 +181,5 @@ def index_estimate(
     # "above delta" is 1 - (weight at or below delta): bracket at the same place, nudged past delta.
     qb_below = _cms_half_width(quad, -delta)
     qb_above = _cms_half_width(quad, math.nextafter(delta, math.inf))
-    return IndexEstimate(b, be, a, ae, w, we, qb_below, qb_above, delta, p, m, quad.hvp_count, quad.seed)
+    return IndexEstimate(b, be, a, ae, w, we, qb_below, qb_above, delta, p, m, quad.hvp_count, quad.seed,
+                         deflated=quad.deflated)
