@@ -6,6 +6,7 @@ monitor, checked against an eigendecomposition of the Hessian built independentl
 ``torch.autograd.functional.hessian``.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -369,3 +370,179 @@ def test_lightning_trainer_runs_the_callback():
     trainer.fit(module, loader)
     assert len(monitor.history) == 200
     assert any(e.action == "escaped" for e in monitor.events)
+
+
+# ------------------------------------------------------------------------------ what it costs
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def loss_at(model, data, theta):
+    """The full-data MSE at a flat parameter vector, computed here without the package."""
+    x, y = data
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    params = {n: t.view(s) for n, t, s in zip(names, torch.split(theta, [s.numel() for s in shapes]), shapes)}
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y))
+
+
+def test_persistent_saddle_is_reanalysed_with_exponential_backoff():
+    # Without a time budget the spacing alone decides: a verdict that repeats at an unchanged loss
+    # doubles the gap to the next look; with backoff=1 the old rhythm (every window) comes back.
+    data = regression_data()
+    spaced = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), data, action="report", time_fraction=None)
+    train(spaced.model, data, 1000, spaced)
+    steps = [e.step for e in spaced.events]
+    assert {e.verdict for e in spaced.events} == {"saddle"} and {e.action for e in spaced.events} == {"reported"}
+    assert [b - a for a, b in itertools.pairwise(steps)] == [WINDOW * 2**i for i in range(len(steps) - 1)]
+    assert len(steps) == 5 and spaced.spending.analyses == 5  # 150, 200, 300, 500, 900
+    assert spaced.spending.quiet == (1000 - steps[0]) // WINDOW - (len(steps) - 1)
+    assert spaced.events[-1].budget["next_step"] == steps[-1] + WINDOW * 2 ** len(steps[1:])
+
+    every = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), data, action="report", time_fraction=None, backoff=1.0)
+    train(every.model, data, 1000, every)
+    assert [e.step for e in every.events] == list(range(steps[0], 1001, WINDOW))
+
+
+def test_analysis_count_budget_defers_with_a_message():
+    data = regression_data()
+    monitor = SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), data, action="report", max_analyses=1,
+                            time_fraction=None)
+    train(monitor.model, data, 600, monitor)
+    first, *later = monitor.events
+    assert first.action == "reported" and later
+    assert all(e.action == "deferred" and e.verdict is None and "budget of 1 analyses" in e.message for e in later)
+    assert monitor.spending.analyses == 1 and monitor.spending.deferred == len(later)
+    # Deferrals at an unchanged loss back off too: the gaps double.
+    steps = [e.step for e in monitor.events]
+    assert [b - a for a, b in itertools.pairwise(steps)] == [WINDOW * 2**i for i in range(len(steps) - 1)]
+
+
+def test_scheduler_rules_on_known_numbers():
+    from saddlescope.monitor.policy import AnalysisBudget, AnalysisScheduler
+
+    scheduler = AnalysisScheduler(AnalysisBudget(max_analyses=3, time_fraction=0.05, backoff=2.0), 50, 1e-3)
+    spent = scheduler.spending
+    spent.analysis_seconds, spent.training_seconds = 4.0, 10.0
+    first = scheduler.decide(100)
+    assert first.act == "analyse"  # the first stall is always analysed
+    spent.analyses = 1
+    assert scheduler.decide(100).act == "defer"  # 4 s of analyses > 5% of 10 s
+    spent.training_seconds = 100.0
+    decision = scheduler.decide(100)
+    assert decision.act == "analyse" and decision.affordable_s == pytest.approx(1.0)
+    scheduler.record(100, "saddle", 2.0, moved=False)
+    assert scheduler.next_step == 150 and scheduler.decide(149).act == "quiet"
+    scheduler.record(150, "saddle", 2.0 * (1 + 5e-4), moved=False)  # same verdict, loss within flat_tol
+    assert scheduler.next_step == 250
+    scheduler.record(250, "saddle", 2.0 * (1 + 5e-4), moved=False)
+    assert scheduler.next_step == 450
+    scheduler.record(450, "saddle", 1.9, moved=False)  # the loss moved: back to the window
+    assert scheduler.next_step == 500
+    scheduler.record(500, "saddle", 1.9, moved=True)  # an escape: back to the window
+    assert scheduler.next_step == 550
+    spent.analyses = 3
+    assert scheduler.decide(550).act == "defer"
+    with pytest.raises(InvalidInputError):
+        AnalysisBudget(backoff=0.5)
+    with pytest.raises(InvalidInputError):
+        AnalysisBudget(time_fraction=0.0)
+
+
+def test_training_and_monitor_time_are_measured_against_the_wall_clock():
+    import time
+
+    data = regression_data()
+    model = zero_tanh_mlp()
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="report", window=5, grad_rtol=1.0)
+    gaps = inside = 0.0
+    left = None
+    for step in range(30):
+        time.sleep(0.002)  # "training"
+        entered = time.perf_counter()
+        if left is not None:
+            gaps += entered - left
+        monitor.step(1.0)  # a flat loss: a stall and its analysis at step 6
+        left = time.perf_counter()
+        inside += left - entered
+    spent = monitor.spending
+    assert spent.analyses >= 1 and 0 < spent.analysis_seconds <= spent.monitor_seconds
+    # The monitor's clock sits inside the test's: its training time contains the test's gaps and
+    # its own time is contained in the calls.
+    assert gaps <= spent.training_seconds <= gaps + 0.05
+    assert spent.monitor_seconds <= inside
+    assert spent.training_seconds + spent.monitor_seconds == pytest.approx(gaps + inside, abs=0.05)
+    assert spent.overhead == pytest.approx(spent.monitor_seconds / spent.training_seconds)
+
+
+def test_escape_is_a_line_search_that_lowers_the_loss_and_says_what_it_cost():
+    data = regression_data()
+    model = zero_tanh_mlp()
+    after = {}
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="escape",
+                            callback=lambda e: after.setdefault(e.step, flat_params(model)))
+    train(model, data, 200, monitor)
+    event = next(e for e in monitor.events if e.action == "escaped")
+    point, theta = event.critical_point, after[event.step]
+    # Losses recomputed here, at the analysed point and at the parameters the escape left.
+    assert event.loss_before == pytest.approx(loss_at(model, data, point.theta), rel=1e-12)
+    assert event.loss_after == pytest.approx(loss_at(model, data, theta), rel=1e-12)
+    assert event.loss_before - event.loss_after >= monitor.min_escape_decrease * event.loss_before
+    # A straight step of the reported length, and the best of the line search's doubling grid.
+    direction = (theta - point.theta) / event.step_size
+    assert float(direction.norm()) == pytest.approx(1.0, rel=1e-9)
+    alpha = event.step_size
+    assert loss_at(model, data, point.theta + 0.5 * alpha * direction) > event.loss_after
+    assert loss_at(model, data, point.theta + 2.0 * alpha * direction) >= event.loss_after
+    # What it cost: the exact Hessian of n parameters takes n products; the line search's loss
+    # evaluations; time that fits inside the monitor's.
+    assert event.hvps == point.n_params == sum(p.numel() for p in model.parameters())
+    assert event.loss_evaluations == event.escape["evaluations"] > 0
+    assert 0 < event.escape["seconds"] < event.seconds <= monitor.spending.analysis_seconds
+    record = json.loads(json.dumps(event.to_dict(), allow_nan=False))
+    assert record["hvps"] == event.hvps and record["loss_before"] == event.loss_before
+    metrics = event.metrics()
+    assert metrics["saddlescope/escaped"] == 1.0 and metrics["saddlescope/verdict/saddle"] == 1.0
+    assert metrics["saddlescope/loss_after"] == event.loss_after and metrics["saddlescope/hvps"] == event.hvps
+    assert "HVPs" in event.message and "loss evaluations" in event.message
+
+
+def test_an_escape_too_small_to_count_is_refused_and_leaves_the_parameters():
+    data = regression_data()
+    model = zero_tanh_mlp()
+    monitor = SaddleMonitor(model, nn.MSELoss(), data, action="escape", min_escape_decrease=0.99)
+    train(model, data, 160, monitor)
+    event = monitor.events[0]
+    assert (event.verdict, event.action, event.loss_after, event.step_size) == ("saddle", "no_escape", None, None)
+    assert 0 < event.escape["decrease"] < event.escape["required_decrease"] and not event.escape["accepted"]
+    assert "no escape" in event.message and "parameters left as they were" in event.message
+    with torch.no_grad():
+        assert all(float(p.abs().max()) == 0 for p in model[0].parameters())  # still exactly at zero
+
+
+def test_the_time_budget_sends_a_large_model_to_the_cheap_verdict():
+    # 2,410 parameters: the exact spectrum would take seconds; 5% of a few milliseconds of training
+    # affords only the iterative verdict, which stops at the first certificate.
+    from saddlescope.problems import digits_mlp
+
+    problem = digits_mlp(init_scale=0.0, n_samples=200)
+    model, data = problem.model, (problem.inputs, problem.targets)
+    monitor = SaddleMonitor(model, problem.loss_fn, data, action="report", window=10, beta=0.5, grad_rtol=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = problem.loss_fn(model(data[0]), data[1])
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    event = monitor.events[0]
+    assert event.kind == "stall" and event.analysis["method"] == "lanczos"
+    assert event.critical_point.lambda_min < 0 and event.hvps < 0.1 * event.analysis["n_params"]
+
+
+def test_bad_budget_arguments_raise_invalid_input():
+    for kwargs in ({"max_analyses": -1}, {"time_fraction": float("inf")}, {"backoff": 0.9},
+                   {"min_escape_decrease": -1.0}):
+        with pytest.raises(InvalidInputError):
+            SaddleMonitor(zero_tanh_mlp(), nn.MSELoss(), regression_data(), **kwargs)

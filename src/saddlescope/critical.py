@@ -41,6 +41,7 @@ from saddlescope.curvature.exact import eigh_dtype, exact_spectrum
 from saddlescope.curvature.index import IndexEstimate, index_estimate
 from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
+from saddlescope.display import critical_point_html
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
 from saddlescope.path_plan import EXACT_AFFORDABLE_S, EXACT_MAX_PARAMS, ITERATIVE_BASE_PRODUCTS, PathPlan, plan_path
@@ -243,6 +244,9 @@ class CriticalPoint:
             )
             out["top_direction"] = None if self.top_direction is None else self.top_direction.tolist()
         return out
+
+    def _repr_html_(self) -> str:
+        return critical_point_html(self)  # Jupyter: verdict first
 
     def summary(self) -> str:
         """A few human-readable lines."""

@@ -25,6 +25,7 @@ from saddlescope.curvature.index import index_estimate
 from saddlescope.curvature.lanczos import eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.curvature.trace import trace
+from saddlescope.display import block_report_html
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import Objective
 from saddlescope.tolerances import default_tolerances
@@ -78,6 +79,9 @@ class BlockReport:
         return {"by": self.by, "rows": [r.to_dict() for r in self.rows], "whole": self.whole.to_dict(),
                 "seconds": self.seconds, "hvp_count": self.hvp_count, "settings": dict(self.settings),
                 "notes": list(self.notes)}
+
+    def _repr_html_(self) -> str:
+        return block_report_html(self)  # Jupyter: where negative curvature lives first
 
     def table(self) -> str:
         """The rows as aligned text."""

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from saddlescope.critical import analyze
+from saddlescope.display import min_ratio_study_html
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import LABELS, find_critical_point
 from saddlescope.experiments.workers import complete_runs, imap_tasks, one_thread
@@ -471,6 +472,9 @@ class MinRatioStudy:
     skipped: list[int] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
+
+    def _repr_html_(self) -> str:
+        return min_ratio_study_html(self)  # Jupyter: how many minima first
 
     def to_dict(self, records: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

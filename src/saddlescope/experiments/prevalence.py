@@ -111,6 +111,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.curvature.exact import exact_spectrum
+from saddlescope.display import prevalence_study_html
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import find_critical_point
 from saddlescope.experiments.records import RecordStore, atomic_write_json, json_restore, json_safe
@@ -674,6 +675,9 @@ class PrevalenceStudy:
     skipped: list[int] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
+
+    def _repr_html_(self) -> str:
+        return prevalence_study_html(self)  # Jupyter: the share of minima first
 
     def row(self, family: str, n: int) -> PrevalenceRow:
         for r in self.rows:

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saddlescope.display import race_result_html
 from saddlescope.errors import InvalidInputError
 from saddlescope.experiments.race_problems import (
     DEFAULT_PROBLEMS,
@@ -504,6 +505,9 @@ class RaceResult:
     wall_time_s: float
     files: dict[str, str] = field(default_factory=dict)
     specs: dict[str, RaceProblem] = field(default_factory=dict, repr=False)
+
+    def _repr_html_(self) -> str:
+        return race_result_html(self)  # Jupyter: the fastest escaper first
 
     def summary(self, problem: str, optimizer: str) -> RaceSummary:
         for s in self.summaries:

@@ -1,8 +1,7 @@
-r"""Watch a training run for stalls, divergence and oscillation; analyse (and escape) stalls.
+r"""The monitor's detection rules: stall, divergence and oscillation from a stream of losses.
 
-Call :meth:`SaddleMonitor.step` with the loss after each optimizer step of any training loop. The
-monitor smooths the loss with a bias-corrected exponential moving average (as Adam does its
-moments),
+:class:`StallDetector` smooths the loss with a bias-corrected exponential moving average (as Adam
+does its moments),
 
 .. math::
 
@@ -26,20 +25,13 @@ holds names the step; see :class:`DetectorConfig` for the defaults):
   (the form of the package's zero threshold for eigenvalues). A flat loss with a large gradient is
   SGD noise balancing progress, not a point to analyse.
 
-On a stall the monitor builds :meth:`Objective.from_model` at the model's current parameters, runs
-:func:`~saddlescope.critical.analyze` (exact or Lanczos by size) and, with ``action="escape"``,
-takes :func:`~saddlescope.escape.step.escape`'s negative-curvature step in place. After an event of
-one kind, that kind is not reported again for ``cooldown`` steps (default ``window``), so a persistent
-plateau is analysed at most once per window.
-
-:class:`StallDetector` holds the rules without any model, so they can be driven (and tested) with a
-synthetic loss sequence.
+After an event of one kind, that kind is not reported again for ``cooldown`` steps (default
+``window``). The detector needs no model, so the rules can be driven (and tested) with a synthetic
+loss sequence; :class:`~saddlescope.monitor.SaddleMonitor` feeds it a real run.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import math
 import statistics
 from collections import deque
@@ -47,19 +39,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from saddlescope.critical import CriticalPoint, analyze
-from saddlescope.errors import InvalidInputError, NotADescentPointError, SaddlescopeError
-from saddlescope.escape.step import escape
-from saddlescope.objective import Objective
+from saddlescope.errors import InvalidInputError
 
-__all__ = ["DetectorConfig", "Detection", "MonitorEvent", "SaddleMonitor", "StallDetector", "TrainingHistory"]
-
-logger = logging.getLogger(__name__)
-
-ACTIONS = ("none", "report", "escape")
+__all__ = [
+    "DEFAULTS",
+    "Detection",
+    "DetectorConfig",
+    "GradNorm",
+    "StallDetector",
+    "TrainingHistory",
+    "divergence_details",
+    "flatness_details",
+    "oscillation_details",
+]
 
 GradNorm = float | Callable[[], float] | None
 
@@ -187,53 +181,6 @@ class Detection:
     details: dict[str, Any]
 
 
-@dataclass
-class MonitorEvent:
-    """One event of :class:`SaddleMonitor`.
-
-    Attributes:
-        step, kind, loss, smoothed_loss, grad_norm, details: from the :class:`Detection`.
-        verdict: the analysis's ``CriticalPoint.kind`` on a stall, else None.
-        action: ``"none"`` (detected and reported only: divergence, oscillation, or
-            ``action="none"``), ``"reported"`` (stall analysed), ``"escaped"`` (parameters moved),
-            ``"no_escape"`` (escape asked for but the verdict has no descent direction, or the line
-            search found no decrease) or ``"failed"`` (the analysis raised; see ``message``).
-        loss_after: the full-data loss after an escape (``analysis["loss"]`` is the one before).
-        message: one line for logs.
-        analysis: a few numbers of the verdict (kind, reason, loss, grad_norm, lambda_min, ...).
-        critical_point: the full verdict (not in :meth:`to_dict`; use its own ``to_dict``).
-    """
-
-    step: int
-    kind: str
-    loss: float
-    smoothed_loss: float | None
-    grad_norm: float | None
-    verdict: str | None
-    action: str
-    message: str
-    loss_after: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    analysis: dict[str, Any] | None = None
-    critical_point: CriticalPoint | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values; a non-finite number becomes None."""
-        return {
-            "step": self.step,
-            "kind": self.kind,
-            "loss": _json_float(self.loss),
-            "smoothed_loss": _json_float(self.smoothed_loss),
-            "grad_norm": _json_float(self.grad_norm),
-            "verdict": self.verdict,
-            "action": self.action,
-            "loss_after": _json_float(self.loss_after),
-            "message": self.message,
-            "details": {k: _json_float(v) if isinstance(v, float) else v for k, v in self.details.items()},
-            "analysis": self.analysis,
-        }
-
-
 # ---------------------------------------------------------------------------------------- detector
 class StallDetector:
     """The monitor's rules over a stream of losses; needs no model.
@@ -263,6 +210,11 @@ class StallDetector:
         self._n_finite = 0
         self._smoothed: deque[float] = deque(maxlen=self.config.window + 1)
         self._raw: deque[float] = deque(maxlen=self.config.window + 1)
+        # Sign changes of consecutive raw differences over the window, kept as a running count so
+        # the oscillation rule's first test costs O(1) a step (the full test runs only when it passes).
+        self._flips: deque[bool] = deque(maxlen=self.config.window - 1)
+        self._flip_count = 0
+        self._last_diff: float | None = None
         self._last_event: dict[str, int] = {}
 
     def update(self, loss: Any, grad_norm: GradNorm = None) -> Detection | None:
@@ -315,6 +267,15 @@ class StallDetector:
         self._ema = beta * self._ema + (1.0 - beta) * value
         self.smoothed_loss = self._ema / (1.0 - beta**self._n_finite)
         self._smoothed.append(self.smoothed_loss)
+        if self._raw:
+            diff = value - self._raw[-1]
+            if self._last_diff is not None:
+                if len(self._flips) == self._flips.maxlen:
+                    self._flip_count -= self._flips[0]
+                flip = diff * self._last_diff < 0
+                self._flips.append(flip)
+                self._flip_count += flip
+            self._last_diff = diff
         self._raw.append(value)
 
     def _record_grad(self, grad_value: float | None) -> None:
@@ -334,10 +295,12 @@ class StallDetector:
         if len(self._smoothed) < cfg.window + 1:
             return None, {}  # warm-up: every rule compares against the loss a window ago
         smoothed, raw = list(self._smoothed), list(self._raw)
+        # The same fraction oscillation_details computes first, from the running count.
+        may_oscillate = self._flip_count / (cfg.window - 1) >= cfg.osc_fraction
         checks: tuple[tuple[str, Callable[[], dict[str, Any] | None]], ...] = (
             ("divergence", lambda: divergence_details(smoothed, cfg.rise_tol)),
             ("oscillation", lambda: oscillation_details(
-                raw, smoothed, cfg.osc_fraction, cfg.osc_ratio, cfg.osc_min_amplitude)),
+                raw, smoothed, cfg.osc_fraction, cfg.osc_ratio, cfg.osc_min_amplitude) if may_oscillate else None),
             ("flat", lambda: flatness_details(smoothed, cfg.flat_tol)),
         )
         for kind, check in checks:
@@ -369,10 +332,12 @@ def divergence_details(smoothed: Sequence[float], rise_tol: float) -> dict[str, 
     """The divergence test on the window's smoothed losses (oldest first); None if it fails."""
     first, last = smoothed[0], smoothed[-1]
     rise = (last - first) / _scale(first)
+    if not rise > rise_tol:
+        return None  # the common case, decided without the O(window) count (the monitor runs every step)
     steps = len(smoothed) - 1
     rising = sum(b > a for a, b in zip(smoothed[:-1], smoothed[1:])) / steps
     # A single spike lifts the EMA once and then decays: requiring a rise on most steps skips it.
-    if rise > rise_tol and rising > 0.5:
+    if rising > 0.5:
         return {"relative_rise": rise, "rise_tol": rise_tol, "rising_fraction": rising, "non_finite": False}
     return None
 
@@ -387,10 +352,12 @@ def oscillation_details(
     """The oscillation test on the window's raw and smoothed losses (oldest first); None if it fails."""
     diffs = [b - a for a, b in zip(raw[:-1], raw[1:])]
     flips = sum(a * b < 0 for a, b in zip(diffs[:-1], diffs[1:])) / (len(diffs) - 1)
+    if flips < fraction:
+        return None  # the common case, decided before the median (the monitor runs every step)
     amplitude = statistics.median(abs(d) for d in diffs)
     trend = abs(smoothed[-1] - smoothed[0]) / (len(smoothed) - 1)
     floor = min_amplitude * abs(smoothed[-1])
-    if flips >= fraction and amplitude >= ratio * trend and amplitude > floor:
+    if amplitude >= ratio * trend and amplitude > floor:
         return {"sign_change_fraction": flips, "amplitude": amplitude, "trend_per_step": trend}
     return None
 
@@ -422,240 +389,6 @@ def _message(kind: str, loss: float, window: int, details: Mapping[str, Any]) ->
     )
 
 
-# ---------------------------------------------------------------------------------------- monitor
-class SaddleMonitor:
-    """Watch a training loop; on a stall, ask whether it is a saddle and optionally escape it.
-
-    Example::
-
-        monitor = ss.SaddleMonitor(model, loss_fn, (x, y), action="escape")
-        for batch in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model(batch[0]), batch[1])
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
-
-    The gradient norm of a step is read from the parameters' ``.grad`` (what ``backward`` left,
-    the mini-batch gradient of the loss passed in); when no parameter has one, the full gradient on
-    ``data`` at the current parameters is computed, but only when a rule needs it (the first step,
-    for the scale, and steps where the loss is flat). An escape moves the parameters in place and
-    leaves the optimizer's state (momentum) as it is.
-
-    Args:
-        model: the model being trained.
-        loss_fn: ``loss_fn(model(inputs), targets) -> scalar``, as for :meth:`Objective.from_model`.
-        data: the data a stall is analysed on: an ``(inputs, targets)`` pair or an iterable of
-            batches (a one-shot iterator is read once into a list). Kept small: each analysis
-            evaluates the loss on all of it many times.
-        action: ``"none"`` (detect only), ``"report"`` (analyse stalls), ``"escape"`` (analyse
-            and take a negative-curvature step when the verdict has a descent direction).
-        window, beta, flat_tol, grad_tol, grad_rtol, rise_tol, osc_fraction, osc_ratio,
-            osc_min_amplitude, cooldown: the detector's thresholds, see :class:`DetectorConfig`.
-        analyze_kwargs: passed to :func:`~saddlescope.critical.analyze` (e.g. ``exact``, ``k``,
-            ``grad_tol``).
-        escape_kwargs: passed to :func:`~saddlescope.escape.step.escape` (e.g. ``initial_step``).
-        objective_kwargs: passed to :meth:`Objective.from_model` (e.g. ``dtype``, ``train_mode``).
-        callback: called with each :class:`MonitorEvent`.
-        verbose: also print one line per event (events are always logged on the
-            ``saddlescope.monitor`` logger).
-        keep_history: record every step in :attr:`history`.
-
-    Raises:
-        InvalidInputError: a bad argument, or model, loss and data that do not fit together.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
-        data: Any,
-        action: str = "report",
-        *,
-        window: int = DEFAULTS.window,
-        beta: float = DEFAULTS.beta,
-        flat_tol: float = DEFAULTS.flat_tol,
-        grad_tol: float = DEFAULTS.grad_tol,
-        grad_rtol: float = DEFAULTS.grad_rtol,
-        rise_tol: float = DEFAULTS.rise_tol,
-        osc_fraction: float = DEFAULTS.osc_fraction,
-        osc_ratio: float = DEFAULTS.osc_ratio,
-        osc_min_amplitude: float = DEFAULTS.osc_min_amplitude,
-        cooldown: int | None = DEFAULTS.cooldown,
-        analyze_kwargs: Mapping[str, Any] | None = None,
-        escape_kwargs: Mapping[str, Any] | None = None,
-        objective_kwargs: Mapping[str, Any] | None = None,
-        callback: Callable[[MonitorEvent], None] | None = None,
-        verbose: bool = False,
-        keep_history: bool = True,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(f"model must be an nn.Module, got {type(model).__name__}")
-        if action not in ACTIONS:
-            raise InvalidInputError(f"action must be one of {ACTIONS}, got {action!r}")
-        if callback is not None and not callable(callback):
-            raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
-        config = DetectorConfig(
-            window=window, beta=beta, flat_tol=flat_tol, grad_tol=grad_tol, grad_rtol=grad_rtol,
-            rise_tol=rise_tol, osc_fraction=osc_fraction, osc_ratio=osc_ratio,
-            osc_min_amplitude=osc_min_amplitude, cooldown=cooldown,
-        )
-        self.model = model
-        self.loss_fn = loss_fn
-        # Every analysis rebuilds the objective from the data: a one-shot iterator would be spent.
-        self.data = list(data) if _is_one_shot(data) else data
-        self.action = action
-        self.analyze_kwargs = _checked_kwargs("analyze_kwargs", analyze_kwargs, analyze, ("objective", "theta"))
-        self.escape_kwargs = _checked_kwargs("escape_kwargs", escape_kwargs, escape, ("objective", "point"))
-        self.objective_kwargs = _checked_kwargs(
-            "objective_kwargs", objective_kwargs, Objective.from_model, ("model", "loss_fn", "data")
-        )
-        self.callback = callback
-        self.verbose = bool(verbose)
-        self.detector = StallDetector(config, keep_history=keep_history)
-        self.events: list[MonitorEvent] = []
-        self.objective()  # fail now, with the model's own message, not after hours of training
-
-    @property
-    def history(self) -> TrainingHistory:
-        """Per-step loss, smoothed loss and gradient norm."""
-        return self.detector.history
-
-    @property
-    def config(self) -> DetectorConfig:
-        return self.detector.config
-
-    def objective(self) -> Objective:
-        """The objective at the model's current parameters (``theta0``)."""
-        return Objective.from_model(self.model, self.loss_fn, self.data, **self.objective_kwargs)
-
-    def step(self, loss: Any) -> MonitorEvent | None:
-        """Record the loss of one optimizer step; returns the event if one occurred.
-
-        Args:
-            loss: this step's training loss (a number or a one-element tensor).
-        """
-        grad_norm = _param_grad_norm(self.model)
-        detection = self.detector.update(loss, self._data_grad_norm if grad_norm is None else grad_norm)
-        if detection is None:
-            return None
-        event = self._respond(detection)
-        self.events.append(event)
-        self._report(event)
-        return event
-
-    def to_dict(self) -> dict[str, Any]:
-        """Configuration, events and history as JSON-ready values."""
-        return {
-            "action": self.action,
-            "config": self.config.to_dict(),
-            "steps": self.detector.step,
-            "analyze_kwargs": _json_kwargs(self.analyze_kwargs),
-            "escape_kwargs": _json_kwargs(self.escape_kwargs),
-            "objective_kwargs": _json_kwargs(self.objective_kwargs),
-            "events": [e.to_dict() for e in self.events],
-            "history": self.history.to_dict(),
-        }
-
-    def lightning_callback(self) -> Any:
-        """A PyTorch Lightning ``Callback`` that calls :meth:`step` after every training batch.
-
-        Imports ``lightning`` (or ``pytorch_lightning``) only now. Raises ImportError when
-        neither is installed.
-        """
-        return _lightning_callback_class()(self)
-
-    # -------------------------------------------------------------------- internals
-    def _data_grad_norm(self) -> float:
-        objective = self.objective()
-        _, grad = objective.loss_and_grad(objective.theta0)
-        return float(grad.norm())
-
-    def _respond(self, detection: Detection) -> MonitorEvent:
-        event = MonitorEvent(
-            step=detection.step,
-            kind=detection.kind,
-            loss=detection.loss,
-            smoothed_loss=detection.smoothed_loss,
-            grad_norm=detection.grad_norm,
-            verdict=None,
-            action="none",
-            message=f"step {detection.step}: {detection.message}",
-            details=detection.details,
-        )
-        if detection.kind == "stall" and self.action != "none":
-            self._analyse(event)
-        return event
-
-    def _analyse(self, event: MonitorEvent) -> None:
-        """Fill in the verdict and, with ``action="escape"``, move the parameters."""
-        try:
-            objective = self.objective()
-            point = analyze(objective, **self.analyze_kwargs)
-        except SaddlescopeError as exc:  # a failed analysis must not end the training run
-            event.action = "failed"
-            event.message += f"; analysis failed: {exc}"
-            return
-        event.verdict = point.kind
-        event.critical_point = point
-        event.analysis = _analysis_summary(point)
-        event.message += f"; verdict {point.kind} ({point.reason}), lambda_min {point.lambda_min:.3g}"
-        event.action = "reported"
-        if self.action != "escape":
-            return
-        try:
-            step = escape(objective, point, **self.escape_kwargs)
-        except NotADescentPointError as exc:
-            event.action = "no_escape"
-            event.message += f"; no escape: {exc}"
-            return
-        _write_params(self.model, objective, step.theta)
-        event.action = "escaped"
-        event.loss_after = step.loss_after
-        event.message += (
-            f"; escaped along negative curvature: loss {step.loss_before:.6g} -> {step.loss_after:.6g} "
-            f"(step {step.step_size:.3g})"
-        )
-
-    def _report(self, event: MonitorEvent) -> None:
-        level = logging.INFO if event.kind == "stall" else logging.WARNING
-        logger.log(level, event.message)
-        if self.verbose:
-            print(event.message)
-        if self.callback is not None:
-            self.callback(event)
-
-
-# ---------------------------------------------------------------------------------------- lightning
-def _lightning_callback_class() -> type:
-    """Build the Lightning callback class on a ``Callback`` base imported now (not at module import)."""
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:
-        try:
-            from pytorch_lightning import Callback
-        except ImportError as exc:
-            raise ImportError(
-                "SaddleMonitor.lightning_callback() needs PyTorch Lightning: pip install lightning "
-                "(or call monitor.step(loss) yourself after each optimizer step)"
-            ) from exc
-
-    class LightningSaddleCallback(Callback):
-        """Feeds each training batch's loss to a :class:`SaddleMonitor`."""
-
-        def __init__(self, monitor: SaddleMonitor) -> None:
-            super().__init__()
-            self.monitor = monitor
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            # training_step may return the loss, a dict with "loss", or None (skip the batch).
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if loss is not None:
-                self.monitor.step(loss)
-
-    return LightningSaddleCallback
-
-
 # ---------------------------------------------------------------------------------------- helpers
 def _scalar(name: str, value: Any) -> float:
     """A Python float from a number or a one-element tensor."""
@@ -678,65 +411,6 @@ def _grad_value(grad_norm: Any) -> float | None:
     if value < 0:
         raise InvalidInputError(f"grad_norm must be >= 0, got {value}")
     return value
-
-
-def _param_grad_norm(model: nn.Module) -> float | None:
-    """The norm of the ``.grad`` of the trainable parameters; None when none has one."""
-    grads = [p.grad.detach() for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not grads:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def _write_params(model: nn.Module, objective: Objective, theta: Tensor) -> None:
-    """Copy the flat ``theta`` into the model's parameters, in the objective's order."""
-    assert objective.param_names is not None and objective.param_shapes is not None
-    named = dict(model.named_parameters())
-    sizes = [int(torch.Size(s).numel()) for s in objective.param_shapes]
-    with torch.no_grad():
-        for name, chunk, shape in zip(objective.param_names, torch.split(theta, sizes), objective.param_shapes):
-            named[name].copy_(chunk.view(shape))
-
-
-def _analysis_summary(point: CriticalPoint) -> dict[str, Any]:
-    return {
-        "kind": point.kind,
-        "reason": point.reason,
-        "loss": point.loss,
-        "grad_norm": point.grad_norm,
-        "lambda_min": point.lambda_min,
-        "lambda_max": point.lambda_max,
-        "n_negative": point.n_negative,
-        "n_params": point.n_params,
-        "method": point.method,
-        "has_escape_direction": point.escape_direction is not None,
-    }
-
-
-def _checked_kwargs(
-    name: str, kwargs: Mapping[str, Any] | None, func: Callable[..., Any], taken: tuple[str, ...]
-) -> dict[str, Any]:
-    """``kwargs`` as a dict, refusing names ``func`` does not take (fail now, not at the first stall)."""
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, Mapping):
-        raise InvalidInputError(f"{name} must be a mapping, got {type(kwargs).__name__}")
-    accepted = set(inspect.signature(func).parameters) - set(taken)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise InvalidInputError(f"{name} has unknown names {unknown}; {func.__name__} takes {sorted(accepted)}")
-    return dict(kwargs)
-
-
-def _json_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in kwargs.items()}
-
-
-def _is_one_shot(data: Any) -> bool:
-    try:
-        return iter(data) is data
-    except TypeError:
-        return False  # not iterable: from_model gives the message
 
 
 def _json_float(value: Any) -> Any:
