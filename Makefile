@@ -40,3 +40,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
+
+# The documentation site, built offline into site/ (git-ignored): the pip install is the only download;
+# mkdocs.yml keeps fonts, search and scripts local. --strict: a broken link or nav entry fails the build.
+DOCS_STAMP := $(VENV)/.docs-installed
+.PHONY: docs
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
