@@ -108,9 +108,10 @@ class CriticalPoint:
             ``"not_critical"``.
         curvature_kind: what the eigenvalue test alone says (before probing; also set when
             the point is not critical: ``"saddle"`` there means negative curvature is present).
-        resolved_by: ``"gradient"`` (not critical), ``"eigenvalues"``, ``"certificate"`` (a confirmed
-            negative Rayleigh quotient stopped the iterative solver), ``"probe"``, or
-            ``"unresolved"`` (degenerate and probing could not decide).
+        resolved_by: ``"gradient"`` (not critical), ``"eigenvalues"``, ``"certificate"`` (a Rayleigh
+            quotient confirmed by a product: the iterative solver's first negative one, or, on the exact
+            path, an eigenvalue inside the zero band but beyond rounding, see :mod:`saddlescope.probe`),
+            ``"probe"``, or ``"unresolved"`` (degenerate and probing could not decide).
         reason: one sentence saying why.
         loss, grad_norm: at ``theta``.
         eigenvalues: ascending.

@@ -262,7 +262,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, strict: b
 
     Raises:
         CheckpointMismatchError: names, or shapes, differ; the message lists the first few.
-        Everything :func:`read_state_dict` raises.
+        MissingFileError, UnsafeCheckpointError, CheckpointError: as :func:`read_state_dict`.
     """
     state, info = read_state_dict(path)
     expected = model.state_dict()

@@ -86,8 +86,8 @@ class SaddleMonitor:
             evaluates the loss on all of it many times.
         action: ``"none"`` (detect only), ``"report"`` (analyse stalls), ``"escape"`` (analyse
             and take a negative-curvature step when the verdict has a descent direction).
-        window, beta, flat_tol, grad_tol, grad_rtol, rise_tol, osc_fraction, osc_ratio,
-            osc_min_amplitude, cooldown: the detector's thresholds, see :class:`DetectorConfig`.
+        window, beta, flat_tol, grad_tol, grad_rtol, rise_tol, osc_fraction, osc_ratio, osc_min_amplitude, cooldown:
+            the detector's thresholds, see :class:`DetectorConfig`.
         max_analyses, time_fraction, backoff: the analysis budget, see
             :class:`~saddlescope.monitor.policy.AnalysisBudget` (default: no count limit, 5% of the
             training time, spacing doubled while nothing changes).

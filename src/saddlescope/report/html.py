@@ -2,7 +2,9 @@ r"""The interactive report: one self-contained HTML page, its JSON and static PN
 
 :func:`write_report` turns a verdict (:class:`~saddlescope.critical.CriticalPoint`) into a folder::
 
-    report.html              the page: plotly.js embedded once, so it works offline
+    report.html              the page (small): it loads plotly.min.js beside it, so it works offline
+    plotly.min.js            the plotting library, one copy shared by the reports in the folder
+                             (write_report(..., single_file=True) embeds it in the page instead)
     report.json              every number the page shows (cp.to_dict() plus density, slices, blocks)
     spectrum.png             histogram of the eigenvalues (exact path) and/or the SLQ density
     landscape_plane.png      the loss on the plane of the extreme eigenvectors
