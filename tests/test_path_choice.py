@@ -15,7 +15,7 @@ def test_a_model_whose_products_cost_more_than_its_size_is_worth_goes_iterative(
     plan = cp.path_plan
     assert cp.method == "lanczos" and plan is not None and not plan.exact and plan.measured
     assert plan.predicted_exact_s > plan.predicted_iterative_s
-    assert plan.product_s > 0 and plan.column_s > 0
+    assert plan.product_s > 0  # the batched form is timed only when it could make the exact path win
     assert any(note.startswith("path iterative") for note in cp.notes)
     assert cp.to_dict()["path_plan"]["exact"] is False
 

@@ -137,6 +137,9 @@ class CriticalPoint:
             ``positive``.
         residuals, converged: iterative path: each Ritz value's true residual ``||Hv - theta v||``
             (an eigenvalue lies within it) and whether it met the tolerance, aligned with ``eigenvalues``.
+        path_plan: how ``analyze(exact=None)`` chose the path (:class:`~saddlescope.path_plan.PathPlan`).
+        graph_plan: which data batches' gradient graphs the products reused and which they rebuilt
+            (``GraphPlan.to_dict()`` of :mod:`saddlescope.objective`).
         escape_sharpening: what :func:`sharpen_escape` did to a certificate's direction (None if
             it was not asked): the certificate's and the new direction's curvature, the bound on
             lambda_min and the fraction of it the direction reaches, products spent.
@@ -176,6 +179,7 @@ class CriticalPoint:
     converged: Tensor | None = None
     escape_sharpening: dict[str, Any] | None = None
     path_plan: PathPlan | None = None
+    graph_plan: dict[str, Any] | None = None
 
     @property
     def lambda_min(self) -> float:
@@ -237,6 +241,7 @@ class CriticalPoint:
             "quantities": {name: q.to_dict() for name, q in self.quantities.items()},
             "escape_sharpening": self.escape_sharpening,
             "path_plan": None if self.path_plan is None else self.path_plan.to_dict(),
+            "graph_plan": self.graph_plan,
         }
         if vectors:
             out["theta"] = self.theta.tolist()
@@ -403,6 +408,8 @@ def analyze(
             stop_at_certificate=stop_at_certificate, progress=progress, index_hvps=index_hvps,
         )
     point.notes = list(objective.notes)
+    plan_of_graphs = getattr(objective, "graph_plan", None)
+    point.graph_plan = None if plan_of_graphs is None else plan_of_graphs.to_dict()
     if plan is not None:
         point.path_plan = plan
         if plan.measured:

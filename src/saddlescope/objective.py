@@ -22,7 +22,9 @@ One HVP engine serves the whole package: :class:`GradientGraph`. It computes the
 :math:`\theta` once with ``create_graph=True`` and answers every product :math:`Hv` with one
 backward pass through that graph (double backward). ``bench/hvp_engines.py`` measures why:
 forward-over-reverse ``jvp(grad(f))`` rebuilds the gradient for every product and costs several
-gradients; the reused graph costs about one and a half.
+gradients; the reused graph costs about one and a half. With several data batches, each batch's
+graph is kept while they fit a memory budget and rebuilt for every product beyond it
+(:class:`GraphPlan`; ``bench/everyday.py`` measures the difference).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +58,7 @@ from saddlescope.errors import (
     TooLargeError,
     UnsupportedModelError,
 )
+from saddlescope.memory import SavedTensorBytes, available_memory, describe_bytes
 
 # Bytes an exact Hessian may take by default: the matrix, the copy eigh works on and the
 # eigenvectors (3 n^2 numbers); 2 GiB admits ~9,400 float64 parameters.
@@ -114,6 +118,15 @@ class Objective:
         # is then built with PyTorch's math attention kernel (see GradientGraph).
         self.math_attention = False
         self.notes: list[str] = []
+        # How GradientGraph keeps the data batches' gradient graphs when its caller does not say
+        # (keep_graphs: True, False or None = as many as fit; graph_memory_budget: bytes for them under
+        # None); graph_plan: the plan of the graph built last (GraphPlan), for the analysis to report.
+        self.keep_graphs: bool | None = None
+        self.graph_memory_budget: int | None = None
+        self.graph_plan: GraphPlan | None = None
+        # Tensors that live as long as the objective (a model's fixed parameters and buffers): a graph
+        # that saves them holds no extra memory for them.
+        self._held: list[Tensor] = []
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -249,6 +262,7 @@ class Objective:
             param_names=layout.names,
             param_shapes=layout.shapes,
         )
+        obj._held = list(layout.fixed.values())
         if max_batches is not None:
             assert isinstance(passes, _FixedBatches)  # a limit is always read once and kept
             obj.description["subset"] = passes.describe_subset(max_batches)
@@ -411,9 +425,11 @@ class Objective:
         _finite(grad, "gradient", theta)
         return loss, grad
 
-    def gradient_graph(self, theta: Tensor, keep_graphs: bool | None = None) -> GradientGraph:
-        """The package's HVP engine at ``theta``: see :class:`GradientGraph`."""
-        return GradientGraph(self, self.check_theta(theta), keep_graphs=keep_graphs)
+    def gradient_graph(
+        self, theta: Tensor, keep_graphs: bool | None = None, memory_budget: int | None = None
+    ) -> GradientGraph:
+        """The package's HVP engine at ``theta``: see :class:`GradientGraph` (and its arguments)."""
+        return GradientGraph(self, self.check_theta(theta), keep_graphs=keep_graphs, memory_budget=memory_budget)
 
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         """One Hessian-vector product :math:`H(\\theta) v`.
@@ -505,50 +521,229 @@ class Objective:
         )
 
 
+# Kept gradient graphs (GradientGraph, keep_graphs=None) may take this share of the memory free when
+# they are built (host memory on a CPU, the GPU's own on a GPU): the other half is left to the Krylov
+# basis, the products' temporaries and the rest of the process.
+KEPT_GRAPHS_MEMORY_SHARE = 0.5
+# Their budget where the free memory cannot be read (a device other than CPU or CUDA, no /proc/meminfo
+# and no psutil).
+UNKNOWN_MEMORY_BUDGET_BYTES = 1024**3
+
+# One-time costs paid in this process (seconds, by name): see _pay_one_time_costs.
+_ONE_TIME_COSTS: dict[str, float] = {}
+
+
+def one_time_costs() -> dict[str, float]:
+    """The one-time costs this process has paid so far, in seconds (for benchmarks: report them apart).
+
+    ``"double_backward_warmup"``: the first double backward in a process imports PyTorch's symbolic-shape
+    machinery (sympy, ~480 modules; 0.4-2.4 s on a 2-core machine). :class:`GradientGraph` pays it on a
+    2-element tensor when the first one is built, so no timed product (``plan_path``'s included) does.
+    """
+    return dict(_ONE_TIME_COSTS)
+
+
+def _pay_one_time_costs() -> None:
+    if "double_backward_warmup" in _ONE_TIME_COSTS:
+        return
+    start = time.perf_counter()
+    with torch.enable_grad():
+        x = torch.ones(2, dtype=torch.float64, device="cpu", requires_grad=True)
+        (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+        torch.autograd.grad(g, x, torch.ones_like(x), retain_graph=True)
+        torch.autograd.grad(g, x, torch.ones(2, 2, dtype=torch.float64, device="cpu"), is_grads_batched=True)
+    _ONE_TIME_COSTS["double_backward_warmup"] = time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """Which data batches keep their gradient graph between products, and why.
+
+    Keeping batch b's graph saves one forward and one gradient of that batch per product (a third of
+    the product on a BatchNorm CNN and on a small transformer) and costs its memory for as long as the
+    graph lives. The graphs of the first :attr:`kept` batches of a pass are kept; the others are
+    rebuilt for every product, one at a time.
+
+    Attributes:
+        policy: ``"auto"`` (kept as far as :attr:`budget_bytes` allows), ``"keep"`` (``keep_graphs=True``:
+            all kept, memory not checked) or ``"recompute"`` (``keep_graphs=False``).
+        batches: the data batches (this rank's, under ``torch.distributed``).
+        kept: batches whose graphs are kept (the first ``kept`` of a pass).
+        recomputed: batches rebuilt for every product (``batches - kept``).
+        bytes_per_graph: the memory one batch's graph holds, measured on the first batch (the distinct
+            storages its nodes save for backward, plus the gradient; on a GPU at least the allocator's
+            growth); batches with more input elements than the first are scaled up. None when not
+            measured (a forced policy, or a single batch).
+        budget_bytes: the bytes kept graphs may take: ``memory_budget``, else
+            :data:`KEPT_GRAPHS_MEMORY_SHARE` of the free memory. None when not asked.
+        budget_source: where the budget came from (``"memory_budget"``, ``"MemAvailable"``, ``"cgroup
+            memory limit"``, ``"psutil"``, ``"torch.cuda.mem_get_info"``, or ``"unknown"``).
+        reason: one sentence.
+    """
+
+    policy: str
+    batches: int
+    kept: int
+    reason: str
+    bytes_per_graph: int | None = None
+    budget_bytes: int | None = None
+    budget_source: str | None = None
+
+    @property
+    def recomputed(self) -> int:
+        return self.batches - self.kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "batches": self.batches, "kept": self.kept, "recomputed": self.recomputed,
+                "bytes_per_graph": self.bytes_per_graph, "budget_bytes": self.budget_bytes,
+                "budget_source": self.budget_source, "reason": self.reason}
+
+
 class GradientGraph:
-    """The gradient at one ``theta``, kept differentiable so each HVP is one backward pass.
+    r"""The gradient at one ``theta``, kept differentiable so each HVP is one backward pass.
 
     Building costs one gradient with ``create_graph=True``; each product :math:`Hv` is then one
-    double-backward pass, and a batch of products ``V`` (rows) one vmapped pass
-    (``is_grads_batched``). With several data batches the per-batch graphs are kept when
-    ``keep_graphs`` (default: only when there is a single batch, where memory is that of one
-    gradient); otherwise each product rebuilds them batch by batch, holding one at a time.
+    double-backward pass per batch, :math:`Hv = \sum_b \nabla(g_b^\top v)`, and a batch of products
+    ``V`` (rows) one vmapped pass per batch (``is_grads_batched``). Each data batch's graph is kept
+    between products while the graphs fit a memory budget, and rebuilt for every product otherwise
+    (:class:`GraphPlan`, in :attr:`plan`, says which and why; a partial plan is also a note in
+    ``objective.notes``). Kept and rebuilt graphs give the same products.
+
+    Args:
+        objective, theta: the function and the point.
+        keep_graphs: True keeps every batch's graph, False rebuilds them all for every product, None
+            keeps as many as fit the budget.
+        memory_budget: bytes the kept graphs may take under ``keep_graphs=None`` (default:
+            :data:`KEPT_GRAPHS_MEMORY_SHARE` of the free memory). With neither argument given, the
+            objective's ``keep_graphs`` and ``graph_memory_budget`` attributes decide (both None unless
+            set), so ``ss.analyze`` follows them too.
 
     Attributes:
         theta: the point (detached).
-        loss, grad: :math:`L(\\theta)` and :math:`\\nabla L(\\theta)`.
+        loss, grad: :math:`L(\theta)` and :math:`\nabla L(\theta)`.
         hvp_count: Hessian-vector products computed so far (a batch of k counts k).
+        plan: the :class:`GraphPlan`.
     """
 
-    def __init__(self, objective: Objective, theta: Tensor, keep_graphs: bool | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        theta: Tensor,
+        keep_graphs: bool | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        _pay_one_time_costs()
+        if keep_graphs is not None and memory_budget is not None:
+            raise InvalidInputError(
+                f"memory_budget applies when the graphs are kept as far as it allows (keep_graphs=None), "
+                f"not with keep_graphs={keep_graphs!r}; pass one or the other"
+            )
+        if keep_graphs is None and memory_budget is None:  # the objective's defaults
+            keep_graphs = objective.keep_graphs
+            memory_budget = objective.graph_memory_budget if keep_graphs is None else None
+        if keep_graphs not in (None, True, False):
+            raise InvalidInputError(f"keep_graphs must be True, False or None, got {keep_graphs!r}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+        ):
+            raise InvalidInputError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
         self.objective = objective
         self.theta = theta.detach()
         self.hvp_count = 0
+        self._policy = "auto" if keep_graphs is None else "keep" if keep_graphs else "recompute"
+        self._memory_budget = memory_budget
         objective._check_same_theta(self.theta)
         batches = list(objective._batches())
         if not batches:
             raise EmptyDataError("the data yielded no batch")
         self._batches = batches
-        self._keep = len(batches) == 1 if keep_graphs is None else keep_graphs
-        self._graphs: list[tuple[Tensor, Tensor]] = []
+        self._kept: list[tuple[Tensor, Tensor]] = []  # (leaf, gradient) of the first plan.kept batches
         self._linear_checked: set[int] = set()
         loss, grad = objective._all_sum_pair(*self._with_fallback(self._build_all), "the loss and gradient")
         self.loss, self.grad = _finite(loss, "loss", self.theta), _finite(grad, "gradient", self.theta)
 
     def _build_all(self) -> tuple[Tensor, Tensor]:
         """This rank's loss and gradient (not yet summed over ranks, nor checked finite: a NaN
-        must reach every rank through the sum, so all of them raise the same error)."""
+        must reach every rank through the sum, so all of them raise the same error); keeps the
+        graphs the plan allows."""
         obj = self.objective
         loss = torch.zeros((), dtype=obj.dtype, device=obj.device)
         grad = torch.zeros_like(self.theta)
-        self._graphs = []
-        for batch in self._batches:
-            leaf, g, part = self._build(batch)
+        self._kept = []
+        self._kept_math = obj.math_attention  # the attention kernel the kept graphs are built with
+        n_batches = len(self._batches)
+        budget: tuple[int, str] | None = None
+        if self._policy == "keep":
+            plan = GraphPlan("keep", n_batches, n_batches, "keep_graphs=True: every batch's graph is kept "
+                             "(memory not checked)")
+        elif self._policy == "recompute":
+            plan = GraphPlan("recompute", n_batches, 0, "keep_graphs=False: every product rebuilds every "
+                             "batch's graph")
+        elif n_batches == 1:
+            plan = GraphPlan("auto", 1, 1, "one batch: its graph is kept (a product needs it anyway)")
+        else:
+            plan, budget = None, self._budget()  # read before the first graph takes its share
+        for index, batch in enumerate(self._batches):
+            if plan is None:
+                assert budget is not None
+                leaf, g, part, size = self._build_measured(batch)
+                plan = self._auto_plan(size, *budget)
+            else:
+                leaf, g, part = self._build(batch)
             loss += part.detach()
             grad += g.detach()
-            if self._keep:
-                self._graphs.append((leaf, g))
+            if index < plan.kept:
+                self._kept.append((leaf, g))
+        assert plan is not None
+        self.plan = plan
+        obj.graph_plan = plan
+        if plan.policy == "auto" and plan.recomputed:
+            note = (f"gradient graphs kept for {plan.kept} of {plan.batches} batches within the memory budget; "
+                    f"the other {plan.recomputed} are rebuilt for every product (see graph_plan)")
+            if note not in obj.notes:
+                obj.notes.append(note)
         return loss, grad
+
+    def _budget(self) -> tuple[int, str]:
+        """Bytes the kept graphs may take, and where the figure came from."""
+        if self._memory_budget is not None:
+            return self._memory_budget, "memory_budget"
+        free, source = available_memory(self.objective.device)
+        if free is None:
+            return UNKNOWN_MEMORY_BUDGET_BYTES, source
+        return int(KEPT_GRAPHS_MEMORY_SHARE * free), source
+
+    def _auto_plan(self, bytes_per_graph: int, budget: int, source: str) -> GraphPlan:
+        """Keep the first batches whose graphs fit ``budget`` together. A batch with more input
+        elements than the first is expected to hold proportionally more."""
+        first = max(_elements(self._batches[0].inputs), 1)
+        total, kept = 0.0, 0
+        for batch in self._batches:
+            need = bytes_per_graph * max(1.0, _elements(batch.inputs) / first)
+            if total + need > budget:
+                break
+            total, kept = total + need, kept + 1
+        n_batches = len(self._batches)
+        share = "memory_budget" if source == "memory_budget" else (
+            f"{KEPT_GRAPHS_MEMORY_SHARE:.0%} of the free memory, {source}" if source != "unknown"
+            else "free memory unknown: the default")
+        head = (f"all {n_batches} graphs kept" if kept == n_batches else f"{kept} of {n_batches} graphs kept, "
+                f"the other {n_batches - kept} rebuilt for every product")
+        reason = (f"{head}: {describe_bytes(bytes_per_graph)} per graph (measured on the first batch), "
+                  f"budget {describe_bytes(budget)} ({share})")
+        return GraphPlan("auto", n_batches, kept, reason, bytes_per_graph, budget, source)
+
+    def _build_measured(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, int]:
+        """:meth:`_build`, measuring the memory the graph holds (see :mod:`saddlescope.memory`)."""
+        obj = self.objective
+        cuda = obj.device.type == "cuda"
+        before = torch.cuda.memory_allocated(obj.device) if cuda else 0
+        with SavedTensorBytes(exclude=[batch.inputs, batch.targets, self.theta, *obj._held]) as saved:
+            leaf, g, part = self._build(batch)
+        size = saved.total(extra=[leaf, g])
+        if cuda:  # the allocator's growth also counts what no node saves and the blocks' rounding
+            size = max(size, torch.cuda.memory_allocated(obj.device) - before)
+        return leaf, g, part, size
 
     def _build(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         obj = self.objective
@@ -594,35 +789,37 @@ class GradientGraph:
         or the CPU flash path, which Hugging Face models use by default) implement a backward but no
         backward of that backward, so the first HVP fails. The math kernel computes the same function
         with ordinary differentiable operations; the objective remembers the switch and says so in
-        ``objective.notes``.
+        ``objective.notes``. Graphs this object kept before the switch (made by another graph's
+        products) are rebuilt too.
         """
         try:
             return compute()
         except RuntimeError as exc:
             if not _lacks_double_backward(exc):
                 raise
-            if self.objective.math_attention:
+            stale = rebuild and bool(self._kept) and not self._kept_math
+            if self.objective.math_attention and not stale:
                 raise UnsupportedModelError(
                     f"an operation in the model has no second derivative in PyTorch "
                     f"({str(exc).splitlines()[0]}), even with the math attention kernel; replace "
                     "it (e.g. a custom autograd.Function) with differentiable operations"
                 ) from exc
-        self.objective.math_attention = True
-        self.objective.notes.append(
-            "a fused kernel has no double backward (scaled_dot_product_attention); curvature was "
-            "computed with PyTorch's math attention kernel, which computes the same function"
-        )
-        if rebuild and self._keep:
+        if not self.objective.math_attention:
+            self.objective.math_attention = True
+            self.objective.notes.append(
+                "a fused kernel has no double backward (scaled_dot_product_attention); curvature was "
+                "computed with PyTorch's math attention kernel, which computes the same function"
+            )
+        if rebuild and self._kept:
             self._build_all()
-        return compute()
+        return self._with_fallback(compute, rebuild)
 
-    def _graphs_iter(self) -> Iterable[tuple[Tensor, Tensor]]:
-        if self._keep:
-            yield from self._graphs
-        else:
-            for batch in self._batches:
-                leaf, g, _ = self._build(batch)
-                yield leaf, g
+    def _graphs_iter(self) -> Iterator[tuple[Tensor, Tensor, bool]]:
+        """Each batch's (leaf, gradient, kept): the kept graphs, then the others rebuilt one at a time."""
+        yield from ((leaf, g, True) for leaf, g in self._kept)
+        for batch in self._batches[len(self._kept):]:
+            leaf, g, _ = self._build(batch)
+            yield leaf, g, False
 
     def hvp(self, v: Tensor) -> Tensor:
         """:math:`H v` for one vector ``v`` of length n."""
@@ -644,14 +841,14 @@ class GradientGraph:
     def _products(self, vs: Tensor) -> Tensor:
         out: Tensor | None = None
         batched = vs.shape[0] > 1
-        for leaf, g in self._graphs_iter():
+        for leaf, g, kept in self._graphs_iter():
             if not g.requires_grad:  # loss linear in theta on this batch: zero curvature
                 continue
             (hv,) = torch.autograd.grad(
                 g,
                 leaf,
                 grad_outputs=vs if batched else vs[0],
-                retain_graph=self._keep,
+                retain_graph=kept,
                 is_grads_batched=batched,
                 allow_unused=True,
             )
@@ -1081,6 +1278,17 @@ def _finite(value: Tensor, what: str, theta: Tensor) -> Tensor:
             "check the data, the learning rate that led here, or use dtype=torch.float64"
         )
     return value
+
+
+def _elements(x: Any) -> int:
+    """The number of elements of a batch's input tensors (inside dicts, lists and tuples too)."""
+    if isinstance(x, Tensor):
+        return x.numel()
+    if isinstance(x, Mapping):
+        return sum(_elements(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_elements(v) for v in x)
+    return 0
 
 
 def _first_dim(x: Any) -> int | None:

@@ -26,7 +26,13 @@ __all__ = ["EXACT_AFFORDABLE_S", "EXACT_MAX_PARAMS", "ITERATIVE_BASE_PRODUCTS", 
 # parameters, and only when its predicted cost beats the iterative verdict's or is below
 # EXACT_AFFORDABLE_S seconds.
 EXACT_MAX_PARAMS = 4096
-EXACT_AFFORDABLE_S = 10.0
+EXACT_AFFORDABLE_S = 2.0
+# The best a batched backward did per column against a single product (bench/everyday.py: x8 at most
+# 13% faster, x32 slower on an MLP, a CNN and a transformer): when even this cannot make the exact path
+# win, the batched form is not timed at all.
+BEST_BATCHED_SPEEDUP = 4.0
+# Products faster than this are timed three times (the least taken); slower ones once.
+FAST_PRODUCT_S = 0.05
 # Products of the iterative verdict besides the index estimate: both ends of the spectrum and their
 # confirmation (measured 60-110 on MLPs; a round figure on the high side).
 ITERATIVE_BASE_PRODUCTS = 100
@@ -51,6 +57,9 @@ class PathPlan:
         predicted_exact_s, predicted_iterative_s: the predictions compared.
         chunk_size: columns per product in the exact build (1 when single products measured faster).
         iterative_products: the iterative verdict's predicted product count.
+        graph_plan: which data batches' gradient graphs the timed products reused
+            (:meth:`GraphPlan.to_dict <saddlescope.objective.GraphPlan.to_dict>`): the analysis builds its
+            graphs under the same policy, so the timing is the one it will see.
         reason: one sentence.
     """
 
@@ -64,6 +73,7 @@ class PathPlan:
     predicted_exact_s: float | None = None
     predicted_iterative_s: float | None = None
     chunk_size: int | None = None
+    graph_plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,29 +98,41 @@ def plan_path(
     if n <= iterative_products:
         return PathPlan(True, False, f"exact: {n} parameters need fewer products than the iterative "
                         f"verdict's ~{iterative_products}", n, iterative_products)
+    # The default graph policy, as the analysis's own graphs will have: with several data batches the
+    # products reuse the kept graphs, or rebuild those that do not fit (GraphPlan), and are timed so.
     graph = objective.gradient_graph(theta)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     chunk = min(n, _exact_chunk(n))
     vectors = torch.randn(chunk, n, generator=gen, dtype=torch.float64).to(objective.device, objective.dtype)
-    # Warm-up, single and batched: lazy imports and first-call costs (vmap's) belong to no path.
-    graph.hvp(vectors[0])
-    graph.hvp_batch(vectors[:2])
+    graph.hvp(vectors[0])  # warm-up: lazy imports and first-call costs belong to no path
     product_s = _timed(lambda: graph.hvp(vectors[0]), objective.device)
-    column_s = _timed(lambda: graph.hvp_batch(vectors), objective.device) / chunk
-    # The exact build takes whichever form measured faster: a batched backward (is_grads_batched),
-    # or one product at a time (faster on the digits MLP: vmap's overhead outweighs the batching).
-    chunk_size = chunk if column_s < product_s else 1
-    exact_s = n * min(column_s, product_s) + EIGH_SECONDS_PER_N3 * n**3
+    if product_s < FAST_PRODUCT_S:  # cheap to repeat: the least of three is the least disturbed
+        product_s = min(product_s, *(_timed(lambda: graph.hvp(vectors[0]), objective.device) for _ in range(2)))
     iterative_s = iterative_products * product_s
+    eigh_s = EIGH_SECONDS_PER_N3 * n**3
+    if n * product_s / BEST_BATCHED_SPEEDUP + eigh_s > max(iterative_s, affordable_s):
+        column_s, chunk_size = None, None  # batching cannot rescue the exact path: not timed
+        exact_s = n * product_s + eigh_s
+    else:
+        graph.hvp_batch(vectors[:2])  # vmap's first-call cost
+        column_s = _timed(lambda: graph.hvp_batch(vectors), objective.device) / chunk
+        # The exact build takes whichever form measured faster: a batched backward (is_grads_batched),
+        # or one product at a time (faster on the digits MLP: vmap's overhead outweighs the batching).
+        chunk_size = chunk if column_s < product_s else 1
+        exact_s = n * min(column_s, product_s) + eigh_s
     exact = exact_s <= max(iterative_s, affordable_s)
     verdict = "exact" if exact else "iterative"
-    form = f"batches of {chunk}" if chunk_size > 1 else "one product each"
+    form = "one product each" if chunk_size in (None, 1) else f"batches of {chunk}"
+    per_column = product_s if column_s is None else min(column_s, product_s)
     reason = (f"path {verdict}: the exact Hessian is predicted to take {exact_s:.3g} s ({n:,} columns, {form}, at "
-              f"{min(column_s, product_s) * 1e3:.3g} ms + eigh) and the iterative verdict {iterative_s:.3g} s "
+              f"{per_column * 1e3:.3g} ms + eigh) and the iterative verdict {iterative_s:.3g} s "
               f"(~{iterative_products} products at {product_s * 1e3:.3g} ms)")
+    if graph.plan.recomputed:
+        reason += f"; products timed with {graph.plan.kept} of {graph.plan.batches} batch graphs kept"
     if exact and exact_s > iterative_s:
         reason += f"; exact since it costs at most {affordable_s:g} s and gives the whole spectrum"
-    return PathPlan(exact, True, reason, n, iterative_products, product_s, column_s, exact_s, iterative_s, chunk_size)
+    return PathPlan(exact, True, reason, n, iterative_products, product_s, column_s, exact_s, iterative_s, chunk_size,
+                    graph.plan.to_dict())
 
 
 def _timed(work: Callable[[], Any], device: torch.device) -> float:

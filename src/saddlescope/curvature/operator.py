@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.errors import InvalidInputError, NonFiniteLossError, ThetaError
-from saddlescope.objective import GradientGraph, Objective
+from saddlescope.objective import GradientGraph, GraphPlan, Objective
 
 
 class _Operator:
@@ -74,14 +74,18 @@ class HessianOperator(_Operator):
         block: only the diagonal block ``H[b, b]``: a block name from ``objective.blocks(by)``
             (module names, then parameter names, are looked up), or indices into ``theta``. Every
             algorithm that takes an operator then works on the block unchanged.
-        keep_graphs: keep every data batch's gradient graph between products (default: only with a
-            single batch); otherwise each product recomputes them batch by batch.
+        keep_graphs: keep every data batch's gradient graph between products (True), rebuild them all
+            for every product (False), or keep as many as fit ``memory_budget`` (None, the default;
+            see :class:`~saddlescope.objective.GraphPlan`).
+        memory_budget: bytes the kept graphs may take under ``keep_graphs=None`` (default: half the
+            free memory).
 
     Attributes:
         shape: ``(n, n)`` (``n`` the block's size).
         hvp_count: Hessian-vector products made so far (a block of k counts k), shared by every
             block operator made with :meth:`block` from this one.
         loss, grad: at ``theta`` (computed while building the graph; ``grad`` is the full gradient).
+        graph_plan: which batches' graphs are kept (:class:`~saddlescope.objective.GraphPlan`).
         index: the indices of the block in ``theta`` (None for the whole Hessian).
     """
 
@@ -92,13 +96,15 @@ class HessianOperator(_Operator):
         *,
         block: str | Tensor | slice | None = None,
         keep_graphs: bool | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         if not isinstance(objective, Objective):
             raise InvalidInputError(f"objective must be a saddlescope Objective, got {type(objective).__name__}")
         theta = objective.theta0 if theta is None else objective.check_theta(theta)
         self.objective = objective
         self.theta = theta
-        self._graph: GradientGraph = objective.gradient_graph(theta, keep_graphs=keep_graphs)
+        self._graph: GradientGraph = objective.gradient_graph(theta, keep_graphs=keep_graphs,
+                                                              memory_budget=memory_budget)
         self.dtype = objective.dtype
         self.device = objective.device
         self._set_block(block)
@@ -151,6 +157,10 @@ class HessianOperator(_Operator):
     @property
     def grad(self) -> Tensor:
         return self._graph.grad
+
+    @property
+    def graph_plan(self) -> GraphPlan:
+        return self._graph.plan
 
     def _matmat(self, vs: Tensor) -> Tensor:
         if self.index is None:

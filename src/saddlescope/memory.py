@@ -1,0 +1,166 @@
+"""Memory, planned rather than discovered: how much is free, and how much an autograd graph holds.
+
+Two measurements, both cheap enough to take at the start of every analysis:
+
+- :func:`available_memory`: the bytes free where a device's tensors live. On the host, the kernel's
+  ``MemAvailable`` (``/proc/meminfo``: free memory plus the page cache it can drop), capped by the
+  process's cgroup limit when a container sets one (``MemAvailable`` is the whole machine's), or
+  ``psutil`` where there is no ``/proc``; on a GPU, ``torch.cuda.mem_get_info`` plus what PyTorch's
+  caching allocator holds but does not use (it hands that out before asking the driver).
+- :class:`SavedTensorBytes`: the bytes an autograd graph keeps alive, as the sum of the distinct
+  storages its nodes save for backward (seen through ``torch.autograd.graph.saved_tensors_hooks``, which
+  every saving operation calls: built-in ones, custom ``autograd.Function``\\ s, and the backward nodes a
+  ``create_graph=True`` gradient records). Each storage counts once and whole (a view keeps its whole
+  storage alive); storages that live on regardless of the graph (the data, fixed buffers) are left
+  out. Unlike the growth of the resident set, it does not depend on what the C allocator recycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Self
+
+import torch
+from torch import Tensor
+
+__all__ = ["SavedTensorBytes", "available_memory", "describe_bytes", "storage_keys"]
+
+_MEMINFO = "/proc/meminfo"
+# cgroup v2, then v1: (limit, usage) files; "max" or a huge number means no limit.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+_NO_LIMIT = 2**60
+
+
+def available_memory(device: torch.device | str) -> tuple[int | None, str]:
+    """Bytes free for new tensors on ``device``, and where the figure came from.
+
+    Returns:
+        ``(bytes, source)``; ``bytes`` is None (source ``"unknown"``) where nothing can be read:
+        a device other than the CPU or a CUDA GPU, or a host with neither ``/proc/meminfo`` nor psutil.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0)), "torch.cuda.mem_get_info"
+    if device.type != "cpu":
+        return None, "unknown"
+    host, source = _host_available()
+    limit = _cgroup_room()
+    if limit is not None and (host is None or limit < host):
+        return limit, "cgroup memory limit"
+    return host, source
+
+
+def _host_available() -> tuple[int | None, str]:
+    try:
+        with open(_MEMINFO) as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None, "unknown"
+    return int(psutil.virtual_memory().available), "psutil"
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup's limit minus its usage, or None when no limit is set (or none can be read)."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                limit_text = f.read().strip()
+            if limit_text == "max":
+                return None
+            limit = int(limit_text)
+            if limit >= _NO_LIMIT:
+                return None
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        return max(limit - usage, 0)
+    return None
+
+
+def storage_keys(values: Iterable[Any]) -> set[int]:
+    """The storages (by address) of the tensors in ``values``, looking inside dicts, lists and tuples."""
+    keys: set[int] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Tensor):
+            keys.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for value in values:
+        visit(value)
+    return keys
+
+
+class SavedTensorBytes:
+    """Counts the bytes the autograd graph recorded inside this context saves for backward.
+
+    Use as ``with SavedTensorBytes(exclude=...) as saved: <build the graph>``; then
+    ``saved.total(extra=...)`` is the sum of the distinct saved storages' sizes plus the storages of
+    ``extra`` (tensors the graph's owner holds besides, e.g. the gradient itself) not already counted.
+    Storages of ``exclude`` (tensors alive anyway) are not counted.
+
+    The pack hook returns a detached alias (same storage, so no extra memory, and no reference cycle
+    between a node and its own output); autograd re-attaches the history when it unpacks, so second
+    derivatives through the graph are unchanged. The unpack hook costs one Python call per saved tensor
+    per backward pass (~2% of a product on a small transformer), so measure one graph, not all of them.
+    """
+
+    def __init__(self, exclude: Iterable[Any] = ()) -> None:
+        self._exclude = storage_keys(exclude)
+        self._sizes: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._exclude:
+            self._sizes[key] = storage.nbytes()
+        return tensor.detach()
+
+    def __enter__(self) -> Self:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def total(self, extra: Iterable[Tensor] = ()) -> int:
+        sizes = dict(self._sizes)
+        for tensor in extra:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self._exclude:
+                sizes.setdefault(storage.data_ptr(), storage.nbytes())
+        return sum(sizes.values())
+
+
+def _unpack(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def describe_bytes(count: int | None) -> str:
+    """``count`` bytes for a person, in binary units: ``"12.1 MiB"``, ``"2.0 GiB"``."""
+    if count is None:
+        return "unknown"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover - the loop always returns
