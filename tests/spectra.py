@@ -1,5 +1,7 @@
 """Test helper: symmetric operators with a planted spectrum."""
 
+import math
+
 import torch
 
 import saddlescope as ss
@@ -12,3 +14,13 @@ def planted(values, seed=0):
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     a = q @ torch.diag(torch.as_tensor(values, dtype=torch.float64)) @ q.T
     return ss.DenseOperator(0.5 * (a + a.T))
+
+
+def log_spaced_under_a_tiny_negative(n=1000, low=1e-8, negative=-1e-6):
+    """``n - 1`` eigenvalues log-spaced from 1 down to ``low``, and one at ``negative``.
+
+    The bottom's gap is about 1e-6 of the spread and the bulk is dense near it: Krylov methods see
+    the negative eigenvalue only after resolving most of the bulk (the issue "Lanczos that stalls").
+    """
+    bulk = torch.logspace(0, math.log10(low), n - 1, dtype=torch.float64)
+    return torch.cat([torch.tensor([negative], dtype=torch.float64), bulk])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from spectra import planted
+from spectra import log_spaced_under_a_tiny_negative, planted
 from torch import nn
 
 import saddlescope as ss
@@ -164,6 +164,41 @@ def test_value_relative_tolerance_stops_at_its_floor_for_a_zero_eigenvalue():
         ss.eigs(planted(values), k=1, relative_to="spectral")
     with pytest.raises(errors.InvalidInputError, match="atol"):
         ss.eigs(planted(values), k=1, atol=-1.0)
+
+
+def test_tiny_negative_under_a_log_spaced_bulk_does_not_stall():
+    # Issue "Lanczos that stalls": 999 eigenvalues log-spaced in [1e-8, 1] under one at -1e-6 (gap
+    # 1e-6 of the spread). One Lanczos run converges lambda_min in 560-590 products; the former default,
+    # a 100-vector thick restart, needed about 18,000 and ARPACK (eigsh "SA", 100 vectors, tol 1e-6) 16,000.
+    values = log_spaced_under_a_tiny_negative()
+    op = planted(values)
+    res = ss.eigs(op, k=1, which="smallest", tol=1e-6, relative_to="value")
+    assert res.all_converged and res.restarts == 0 and res.hvp_count <= 700
+    assert res.eigenvalues[0] == pytest.approx(-1e-6, rel=1e-6)
+    v = res.eigenvectors[:, 0]
+    assert float((op.matrix @ v - res.eigenvalues[0] * v).norm()) <= 1e-6 * 1e-6
+
+
+def test_analyze_proves_the_saddle_under_a_log_spaced_bulk():
+    # The same spectrum through analyze: in this basis it said "inconclusive" after the bottom run's
+    # 2,010 products (final Ritz value +2.7e-8); one 1,000-vector basis needs about 420.
+    a = planted(log_spaced_under_a_tiny_negative(), seed=3).matrix
+    obj = ss.Objective.from_function(lambda th: 0.5 * th @ (a @ th), torch.zeros(a.shape[0], dtype=torch.float64))
+    cp = ss.analyze(obj, exact=False, index_probes=0)
+    assert cp.kind == "saddle" and cp.lanczos["bottom"]["hvp_count"] <= 600
+    u = cp.escape_direction
+    assert float(u @ a @ u) < -cp.tolerances.zero_threshold  # the certificate, checked without our code
+
+
+def test_a_restart_keeps_the_converged_far_end():
+    # Forced restarts on the same spectrum. A converged pair at the far end (here the top) that a restart
+    # threw away came back from rounding within about ten steps and was converged again every cycle;
+    # kept (locked), it stays deflated. A Ritz value below -1e-9 with 300 vectors (seeds 0-2): 870-1,570
+    # products when they were thrown away, 520-780 kept (one unrestarted run: 400-450).
+    values = log_spaced_under_a_tiny_negative()
+    res = ss.eigs(planted(values), k=1, which="smallest", krylov_dim=300, stop_below=-1e-9, seed=0)
+    assert res.stopped_early and res.restarts >= 1 and res.hvp_count <= 1000
+    assert float(res.eigenvalues[0]) < -1e-9
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

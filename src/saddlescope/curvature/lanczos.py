@@ -6,14 +6,34 @@ Krylov–Schur form (Stewart 2001) where the projected matrix :math:`T = V^\top 
 With an orthonormal basis :math:`V_j` built by Lanczos (every new vector orthogonalised twice against
 all previous ones, "twice is enough"), :math:`A V_j = V_j T_j + r_j e_j^\top`. A Ritz pair
 :math:`(\theta, y = V_j s)` of :math:`T_j s = \theta s` has residual
-:math:`\|A y - \theta y\| = \|r_j\|\,|s_j|`. When the basis is full, the wanted Ritz vectors (and the
-next Lanczos vector) are kept and the rest discarded: the decomposition keeps its form, so the
-iteration goes on without losing what has converged.
+:math:`\|A y - \theta y\| = \|r_j\|\,|s_j|`. When the basis is full, some Ritz vectors (below) and the next
+Lanczos vector are kept and the rest discarded: the decomposition keeps its form, so the iteration
+goes on without losing what has converged.
 
-Convergence is judged by residual norms, never by the change between iterates: relative to the
-spectral-norm estimate :math:`\max|\theta|` (the default), or relative to each Ritz value itself
-(``relative_to="value"``). The second is what a small eigenvalue needs: a Ritz pair with residual
-:math:`r` has an eigenvalue within :math:`r` of :math:`\theta` (for symmetric :math:`A`), so
+What a restart keeps (:func:`restart_set`): the wanted pairs and as many neighbours, up to half the
+basis (Wu & Simon), and every other pair that has converged: *locking* (Lehoucq & Sorensen 1996,
+"Deflation techniques for an implicitly restarted Arnoldi iteration"; ARPACK likewise keeps more
+vectors as more converge). A converged pair at the far end is an eigenvector to rounding. Discarded,
+it is not gone: the next Lanczos vectors carry it at the rounding level, and since its eigenvalue lies
+outside what remains of the spectrum the recurrence amplifies it like a Chebyshev polynomial, so the
+next cycle spends its new vectors converging it again. (On the spectrum below with 300 vectors, the
+eigenvector of lambda = 1, converged to a residual of 5e-21 and discarded, was 1e-16 of the basis
+after the restart and 0.2 of the tenth new Lanczos vector.) Kept, full reorthogonalisation holds every
+new vector orthogonal to it and the far end stays deflated: with 300 vectors, lambda_min of the
+spectrum below converged in 2,400-2,700 products instead of 6,000-6,750.
+
+How large a basis: restarting cannot do what one long run does when the wanted eigenvalue's gap is
+tiny next to the spread, because then Lanczos sees it only after resolving (deflating) much of the
+rest of the spectrum, and a restarted basis cannot hold what it has resolved. 999 eigenvalues
+log-spaced in [1e-8, 1] under one at -1e-6 (relative gap 1e-6) take a single Lanczos run 360-450
+products to show a Ritz value below -1e-9 and 560-590 to converge lambda_min (residual 1e-6 |lambda|);
+a 100-vector basis needed 1,900-3,200 and about 18,000 (ARPACK's ``eigsh``, 100 vectors: 16,000; its
+default 20: 226,000). So the basis is as large as memory allows (:data:`KRYLOV_MAX`), not a fixed 100.
+
+Convergence is judged by residual norms, never by the change between iterates (:class:`StoppingRule`):
+relative to the spectral-norm estimate :math:`\max|\theta|` (the default), or relative to each Ritz
+value itself (``relative_to="value"``). The second is what a small eigenvalue needs: a Ritz pair with
+residual :math:`r` has an eigenvalue within :math:`r` of :math:`\theta` (for symmetric :math:`A`), so
 :math:`r \le \text{tol}\,|\theta|` bounds the relative error of :math:`\theta` by ``tol`` even when
 :math:`|\lambda_{min}| \ll \lambda_{max}`. On convergence the Ritz vectors are
 multiplied once more (k extra products) to report *true* residuals: in floating point Lanczos loses
@@ -25,6 +45,7 @@ precision the operator computes in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +57,21 @@ from saddlescope.errors import InvalidInputError
 
 WHICH = ("largest", "smallest", "both")
 
-# Default basis size: a larger basis restarts less and reaches a small lambda_min in fewer products
-# (trained 26k-parameter MLP, float32: 200 HVPs with 40 vectors, 90 with 100), so it is used when
-# the basis fits in KRYLOV_MEMORY_BYTES; otherwise max(3m + 10, 40).
-KRYLOV_PREFERRED = 100
+# Default basis size: as many vectors as fit KRYLOV_MEMORY_BYTES, at most KRYLOV_MAX, at least
+# max(3m + 10, 40) (m pairs wanted). A larger basis restarts less and never needs more products
+# (trained 26k-parameter MLP, float32: 200 HVPs with 40 vectors, 90 with 100; the log-spaced spectrum
+# above: 560-590 with 1,000, about 18,000 with 100). The cap bounds the Rayleigh-Ritz cost, O(j^3) in
+# the basis size j (0.3 s at j = 1,000 on one thread).
+KRYLOV_MAX = 1000
 KRYLOV_MEMORY_BYTES = 2**30
+# Default product budget: max(20 * basis size, 500), at most DEFAULT_MAX_HVPS (what a 100-vector basis
+# got before the basis grew with memory: a larger basis needs fewer products, not a larger budget).
+DEFAULT_MAX_HVPS = 2000
+# Rayleigh-Ritz after every step while the basis has at most RITZ_EVERY_STEP vectors (0.7 ms at 100),
+# then every ceil(j / RITZ_INTERVAL) steps: a large basis then spends little on it and stops at most
+# about 3% of its products late.
+RITZ_EVERY_STEP = 128
+RITZ_INTERVAL = 32
 # Residual floor of relative_to="value", in units of eps(operator dtype) * ||A||: products in
 # float32 reached 3 eps ||A|| on a trained MLP, so 16 leaves a margin without giving up accuracy.
 VALUE_FLOOR_EPS = 16
@@ -150,6 +181,192 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.unique(torch.cat([low, high]))
 
 
+@dataclass
+class Ritz:
+    r"""Rayleigh–Ritz on a Lanczos decomposition: pairs :math:`(\theta_i, y_i = V_j s_i)`.
+
+    Attributes:
+        values: ``theta``, ascending.
+        coeffs: the ``s_i`` as columns (shape ``(j, j)``).
+        estimates: ``beta |s_{j,i}|``, the residual ``||A y_i - theta_i y_i||`` in exact arithmetic.
+    """
+
+    values: Tensor
+    coeffs: Tensor
+    estimates: Tensor
+
+
+class LanczosState:
+    r"""A Lanczos decomposition :math:`A V_j = V_j T_j + \beta v_{j+1} e_j^\top`, grown by :meth:`step`
+    and cut back by :meth:`restart`; :meth:`ritz` solves the projected problem.
+
+    The basis vectors are the rows of ``basis`` (up to ``size + 1`` of them: the last holds
+    :math:`v_{j+1}` when the basis is full; allocated as the run needs them, doubling, so a run that
+    converges early never holds the whole basis) and ``proj`` holds :math:`T_j` dense (after a
+    thick restart it is diagonal plus one coupling row, then tridiagonal).
+    """
+
+    def __init__(self, start: Tensor, size: int, seed: int):
+        self.n = start.numel()
+        self.size = size
+        self.basis = torch.zeros(min(size + 1, 64), self.n, dtype=start.dtype, device=start.device)
+        self.proj = torch.zeros(size, size, dtype=start.dtype, device=start.device)
+        self.basis[0] = start / start.norm()
+        self.j = 0
+        self.beta = 0.0
+        self.decoupled = False  # beta ~ 0: V_j spans an invariant subspace
+        self.norm_est = 0.0  # max |entry of T| and |Ritz value| so far: a lower bound on ||A||
+        self.restarts = 0
+        self.ritz_at = 0  # basis size at the last Rayleigh-Ritz
+        self._gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+
+    @property
+    def full(self) -> bool:
+        return self.j >= self.size
+
+    @property
+    def coupling(self) -> float:
+        """``beta`` of the decomposition, 0 when ``V_j`` spans an invariant subspace (or all of R^n)."""
+        return 0.0 if (self.decoupled or self.j >= self.n) else self.beta
+
+    def step(self, apply: Callable[[Tensor], Tensor]) -> None:
+        """One Lanczos step: extend the basis by ``A v_j``, orthogonalised twice against all of it."""
+        if self.basis.shape[0] < self.j + 2:
+            rows = min(self.size + 1, 2 * self.basis.shape[0])
+            grown = torch.zeros(rows, self.n, dtype=self.basis.dtype, device=self.basis.device)
+            grown[: self.basis.shape[0]] = self.basis
+            self.basis = grown
+        self.beta = lanczos_step(apply, self.basis, self.proj, self.j)
+        self.j += 1
+        self.norm_est = max(self.norm_est, float(self.proj[: self.j, self.j - 1].abs().max()))
+        self.decoupled = self.beta <= 1e-12 * max(self.norm_est, 1e-300)
+        if self.decoupled and self.j < self.n:
+            # Invariant subspace: its Ritz values are exact. Go on from a fresh random direction
+            # orthogonal to the basis, decoupled from it (T stays block diagonal).
+            self.basis[self.j] = _fresh_direction(self.basis[: self.j], self._gen)
+
+    def ritz(self) -> Ritz:
+        """Rayleigh–Ritz on the current basis (cheap next to a product while the basis is small)."""
+        t = self.proj[: self.j, : self.j]
+        values, coeffs = torch.linalg.eigh(0.5 * (t + t.T))
+        self.norm_est = max(self.norm_est, float(values.abs().max()))
+        self.ritz_at = self.j
+        return Ritz(values, coeffs, (self.coupling * coeffs[self.j - 1, :]).abs())
+
+    def restart(self, ritz: Ritz, keep: Tensor) -> None:
+        r"""Thick restart: the basis becomes the kept Ritz vectors ``Y`` and ``v_{j+1}``.
+
+        The decomposition keeps its form, :math:`A Y = Y \Theta + v_{j+1} c^\top` with
+        :math:`c = \beta s_{j,keep}`: ``T`` becomes ``diag(theta_keep)`` bordered by ``c`` in its next
+        row and column, and the next step recomputes that row in full from ``A v_{j+1}``.
+        """
+        kept = keep.numel()
+        coupling = self.coupling * ritz.coeffs[self.j - 1, keep]
+        new_basis = ritz.coeffs[:, keep].T @ self.basis[: self.j]
+        self.basis[kept] = self.basis[self.j]
+        self.basis[:kept] = new_basis
+        self.proj.zero_()
+        self.proj[:kept, :kept] = torch.diag(ritz.values[keep])
+        self.proj[kept, :kept] = coupling
+        self.proj[:kept, kept] = coupling
+        self.j = kept
+        self.ritz_at = kept
+        self.restarts += 1
+
+    def vectors(self, ritz: Ritz, idx: Tensor) -> Tensor:
+        """The Ritz vectors ``V_j s_i`` for ``i`` in ``idx``, unit columns (shape ``(n, len(idx))``)."""
+        vectors = self.basis[: self.j].T @ ritz.coeffs[:, idx]
+        return vectors / vectors.norm(dim=0, keepdim=True)
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """When :func:`eigs` looks at its Ritz pairs and when it stops: everything about stopping in one place.
+
+    Attributes:
+        k, which: the pairs wanted (see :func:`eigs`).
+        tol, relative_to, atol: the residual each wanted pair must reach (see :meth:`bound`).
+        value_floor: for ``relative_to="value"`` without ``atol``, the floor per unit of ``||A||``.
+        stop_below: stop at the first Ritz value below it (a certificate), at any basis size.
+        budget: the product budget.
+        min_dim: basis size below which convergence is not judged (ARPACK's default ``ncv``).
+        n: the dimension.
+    """
+
+    k: int
+    which: str
+    tol: float
+    relative_to: str
+    atol: float | None
+    value_floor: float
+    stop_below: float | None
+    budget: int
+    min_dim: int
+    n: int
+
+    def floor(self, norm_est: float) -> float:
+        if self.atol is not None:
+            return float(self.atol)
+        return self.value_floor * norm_est if self.relative_to == "value" else 0.0
+
+    def bound(self, values: Tensor, norm_est: float) -> Tensor:
+        """The residual each pair must reach: ``max(tol * scale, floor)``."""
+        scale = values.abs() if self.relative_to == "value" else torch.full_like(values, norm_est)
+        return torch.clamp(self.tol * scale, min=self.floor(norm_est))
+
+    def due(self, state: LanczosState, products: int) -> bool:
+        """Is a Rayleigh–Ritz worth its cost now?"""
+        out_of_steps = state.full or products >= self.budget or state.j >= self.n
+        if state.j < self.min_dim and not out_of_steps and self.stop_below is None:
+            # Too small a Krylov space: a Ritz pair can have a tiny residual and still not be the
+            # extreme one (misconvergence), so convergence is not even checked before min_dim.
+            return False
+        every = 1 if state.j <= RITZ_EVERY_STEP else math.ceil(state.j / RITZ_INTERVAL)
+        return out_of_steps or state.j - state.ritz_at >= every
+
+    def reason(self, state: LanczosState, ritz: Ritz, products: int) -> str | None:
+        """Why to stop now (``"certificate"``, ``"converged"``, ``"budget"``, ``"exhausted"``), or None."""
+        if self.stop_below is not None and float(ritz.values[0]) < self.stop_below:
+            return "certificate"  # a Rayleigh quotient needs no convergence, at any Krylov size
+        if state.j < self.min_dim and products < self.budget:
+            return None
+        idx = _wanted(ritz.values, self.k, self.which)
+        if bool((ritz.estimates[idx] <= self.bound(ritz.values[idx], state.norm_est)).all()):
+            return "converged"
+        if products >= self.budget:
+            return "budget"
+        if state.j >= self.n:
+            return "exhausted"  # V_j spans R^n: the Ritz pairs are exact
+        return None
+
+
+def restart_set(ritz: Ritz, k: int, which: str, size: int, converged: Tensor) -> Tensor:
+    """The Ritz pairs a thick restart keeps: indices into ``ritz.values``, ascending.
+
+    Near the wanted end, the wanted pairs and as many neighbours, up to half the basis (Wu & Simon).
+    Besides them, every converged pair (locking: see the module docstring), most accurate first,
+    while a third of the basis stays free for new vectors; locked pairs take their room from the
+    neighbours, down to as many neighbours as wanted pairs.
+    """
+    j = ritz.values.numel()
+    n_wanted = _wanted(ritz.values, k, which).numel()
+    room = size - max(size // 3, 2)  # kept at most
+    n_near = min(j - 1, size - 2, n_wanted + max(n_wanted, (size - n_wanted) // 2))
+
+    def nearest(count: int) -> Tensor:
+        """The ``count`` pairs nearest the wanted end (``count / 2`` at each end for ``"both"``)."""
+        return _wanted(ritz.values, count // 2 if which == "both" else count, which)
+
+    elsewhere = torch.ones(j, dtype=torch.bool)
+    elsewhere[nearest(n_near)] = False
+    lockable = torch.nonzero(elsewhere & converged.cpu()).flatten()
+    lockable = lockable[torch.argsort(ritz.estimates.cpu()[lockable])]  # most accurate first
+    n_near = max(min(n_near, room - lockable.numel()), min(n_near, 2 * n_wanted))
+    near = nearest(n_near)
+    locked = lockable[: max(0, room - near.numel())]
+    return torch.sort(torch.cat([near, locked])).values
+
+
 def eigs(
     op: Any,
     k: int = 1,
@@ -176,10 +393,10 @@ def eigs(
         tol: converged when ``||A v - lambda v|| <= max(tol * scale, atol)``, where ``scale`` is the
             spectral-norm estimate ``max|lambda|`` (``relative_to="norm"``) or ``|lambda|`` of the
             pair itself (``relative_to="value"``: then ``tol`` bounds each eigenvalue's relative error).
-        krylov_dim: basis size before a thick restart (default 100 when the basis fits in 1 GiB,
-            else ``max(3m + 10, 40)``, m pairs wanted; at most n).
-        max_hvps: product budget (default ``max(20 * krylov_dim, 500)``); the result says which pairs
-            converged within it.
+        krylov_dim: basis size before a thick restart (default: as many vectors as fit in 1 GiB, at
+            most :data:`KRYLOV_MAX` and at least ``max(3m + 10, 40)``, m pairs wanted; at most n).
+        max_hvps: product budget (default ``min(2000, max(20 * krylov_dim, 500))``); the result says
+            which pairs converged within it.
         seed: for the starting vector.
         v0: starting vector instead of a random one.
         dtype: precision of the recurrence, basis and projected eigenproblem.
@@ -205,18 +422,15 @@ def eigs(
     if atol is not None and not (atol >= 0):
         raise InvalidInputError(f"atol must be >= 0, got {atol}")
     if krylov_dim is None:
-        krylov_dim = max(3 * want + 10, 40)
-        if (KRYLOV_PREFERRED + 1) * n * torch.finfo(dtype).bits // 8 <= KRYLOV_MEMORY_BYTES:
-            krylov_dim = max(krylov_dim, KRYLOV_PREFERRED)
+        fits = KRYLOV_MEMORY_BYTES // (n * torch.finfo(dtype).bits // 8) - 1
+        krylov_dim = max(3 * want + 10, 40, min(KRYLOV_MAX, fits))
     m_max = min(n, krylov_dim)
     if m_max < min(n, want + 2):
         raise InvalidInputError(f"krylov_dim = {m_max} is too small for {want} pairs; use at least {want + 2}")
-    budget = max_hvps if max_hvps is not None else max(20 * m_max, 500)
+    budget = max_hvps if max_hvps is not None else min(DEFAULT_MAX_HVPS, max(20 * m_max, 500))
     if budget < 1:
         raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
-    device = op.device
     products = 0
-    min_dim = min(n, m_max, max(2 * want + 1, 20))  # ARPACK's default ncv
 
     def apply(block: Tensor) -> Tensor:
         nonlocal products
@@ -226,102 +440,50 @@ def eigs(
     if v0 is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v0 = torch.randn(n, generator=gen, dtype=dtype)
-    v = v0.to(device, dtype)
+    v = v0.to(op.device, dtype)
     if float(v.norm()) == 0:
         raise InvalidInputError("v0 must be non-zero")
-    basis = torch.zeros(m_max + 1, n, dtype=dtype, device=device)  # rows are the Lanczos vectors
-    proj = torch.zeros(m_max, m_max, dtype=dtype, device=device)
-    basis[0] = v / v.norm()
-    j, restarts = 0, 0
-    beta, coupling_zero = 0.0, False
-    ritz = None
-    stopped_early = False
-    norm_est = 0.0
-    gen_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
-
-    def floor() -> float:
-        if atol is not None:
-            return float(atol)
-        return VALUE_FLOOR_EPS * torch.finfo(op.dtype).eps * norm_est if relative_to == "value" else 0.0
-
-    def bound(values: Tensor) -> Tensor:
-        """The residual each pair must reach, from the current norm estimate."""
-        scale = values.abs() if relative_to == "value" else torch.full_like(values, norm_est)
-        return torch.clamp(tol * scale, min=floor())
-
+    rule = StoppingRule(
+        k=k, which=which, tol=tol, relative_to=relative_to, atol=atol,
+        value_floor=VALUE_FLOOR_EPS * torch.finfo(op.dtype).eps, stop_below=stop_below, budget=budget,
+        min_dim=min(n, m_max, max(2 * want + 1, 20)), n=n,
+    )
+    state = LanczosState(v, m_max, seed)
     while True:
-        # One Lanczos step: extend the basis by A v_j, orthogonalised twice against all of it.
-        if j < m_max and products < budget:
-            beta = lanczos_step(apply, basis, proj, j)
-            j += 1
-            norm_est = max(norm_est, float(proj[:j, j - 1].abs().max()))
-            coupling_zero = beta <= 1e-12 * max(norm_est, 1e-300)
-            if j < n and coupling_zero:
-                # Invariant subspace: its Ritz values are exact. Go on from a fresh random direction
-                # orthogonal to the basis, decoupled from it (T stays block diagonal).
-                basis[j] = _fresh_direction(basis[:j], gen_restart)
+        if not state.full and products < budget:
+            state.step(apply)
             if progress is not None:
                 progress(products, budget)
-        small = j < min_dim and products < budget
-        if small and stop_below is None:
-            # Too small a Krylov space: a Ritz pair can have a tiny residual and still not be the
-            # extreme one (misconvergence), so convergence is not even checked before min_dim.
+        if not rule.due(state, products):
             continue
-        # Rayleigh-Ritz on the current basis (cheap next to a product: T is small).
-        t = proj[:j, :j]
-        ritz, s = torch.linalg.eigh(0.5 * (t + t.T))
-        norm_est = max(norm_est, float(ritz.abs().max()))
-        if stop_below is not None and float(ritz[0]) < stop_below:
-            stopped_early = True  # a certificate needs no convergence, at any Krylov size
+        ritz = state.ritz()
+        stop = rule.reason(state, ritz, products)
+        if stop is not None:
             break
-        if small:
-            continue
-        # A V_j = V_j T_j + beta v_{j+1} e_j^T, so ||A y - theta y|| = beta |s_j| for y = V_j s.
-        last_beta = 0.0 if (coupling_zero or j >= n) else beta
-        est = (last_beta * s[j - 1, :]).abs()
-        idx = _wanted(ritz, k, which)
-        converged = est[idx] <= bound(ritz[idx])
-        if bool(converged.all()) or products >= budget or j >= n:
-            break
-        if j < m_max:
-            continue
-        # Thick restart: keep the wanted pairs plus as many neighbours, up to half the basis.
-        n_keep = min(j - 1, m_max - 2, idx.numel() + max(idx.numel(), (m_max - idx.numel()) // 2))
-        keep = _wanted(ritz, n_keep // 2 if which == "both" else n_keep, which)
-        kept = keep.numel()
-        coupling = last_beta * s[j - 1, keep]
-        new_basis = s[:, keep].T @ basis[:j]
-        basis[kept] = basis[j]
-        basis[:kept] = new_basis
-        proj.zero_()
-        proj[:kept, :kept] = torch.diag(ritz[keep])
-        proj[kept, :kept] = coupling
-        proj[:kept, kept] = coupling
-        j = kept
-        restarts += 1
-        # The next step recomputes column `kept` of T in full from A v_kept.
+        if state.full:
+            converged = ritz.estimates <= rule.bound(ritz.values, state.norm_est)
+            state.restart(ritz, restart_set(ritz, k, which, m_max, converged))
 
-    idx = _wanted(ritz, k, which)
-    vectors = basis[:j].T @ s[:, idx]
-    vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    confirm = apply(vectors)  # true residuals: Lanczos's estimate can be optimistic in floating point
+    # True residuals: Lanczos's estimate can be optimistic in floating point.
+    vectors = state.vectors(ritz, _wanted(ritz.values, k, which))
+    confirm = apply(vectors)
     rayleigh = (vectors * confirm).sum(0)
     residuals = (confirm - vectors * rayleigh).norm(dim=0)
     order = torch.argsort(rayleigh)
-    norm_est = max(norm_est, float(rayleigh.abs().max()))
+    norm_est = max(state.norm_est, float(rayleigh.abs().max()))
     return EigenResult(
         eigenvalues=rayleigh[order],
         eigenvectors=vectors[:, order],
         residuals=residuals[order],
-        converged=(residuals[order] <= bound(rayleigh[order])).cpu(),
+        converged=(residuals[order] <= rule.bound(rayleigh[order], norm_est)).cpu(),
         spectral_norm=norm_est,
         hvp_count=products,
-        restarts=restarts,
+        restarts=state.restarts,
         which=which,
         tol=tol,
-        stopped_early=stopped_early,
+        stopped_early=stop == "certificate",
         relative_to=relative_to,
-        atol=floor(),
+        atol=rule.floor(norm_est),
         dtype=str(dtype),
         operator_dtype=str(op.dtype),
     )
