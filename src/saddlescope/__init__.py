@@ -7,7 +7,7 @@
 """
 
 from saddlescope import errors, experiments, optim, problems, report
-from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze
+from saddlescope.critical import CriticalPoint, ProbeResult, Tolerances, analyze, sharpen_escape
 from saddlescope.curvature import (
     BlockReport,
     DenseOperator,
@@ -27,7 +27,9 @@ from saddlescope.curvature import (
 from saddlescope.escape import EscapeStep, escape
 from saddlescope.landscape import LandscapeSlice, TrajectoryProjection, landscape, trajectory_pca
 from saddlescope.monitor import MonitorEvent, SaddleMonitor
-from saddlescope.objective import GradientGraph, Objective
+from saddlescope.objective import GradientGraph, GraphPlan, Objective
+from saddlescope.path_plan import PathPlan, plan_path
+from saddlescope.quantity import Quantity
 from saddlescope.stability import StabilityReport, stability
 from saddlescope.workflow import ModelAnalysis, analyze_model
 
@@ -48,6 +50,9 @@ __all__ = [
     "TrajectoryProjection",
     "EscapeStep",
     "GradientGraph",
+    "GraphPlan",
+    "PathPlan",
+    "Quantity",
     "Objective",
     "ProbeResult",
     "SaddleMonitor",
@@ -65,8 +70,10 @@ __all__ = [
     "landscape",
     "optim",
     "per_block",
+    "plan_path",
     "problems",
     "report",
+    "sharpen_escape",
     "spectral_density",
     "stability",
     "trace",
