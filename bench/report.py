@@ -3,7 +3,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-PARTS = ("everyday", "curvature", "precision", "distributed", "hvp_engines", "exact_hessian")
+PARTS = ("everyday", "scaling", "curvature", "precision", "distributed", "hvp_engines", "exact_hessian")
 
 HEADER = """# Benchmarks
 

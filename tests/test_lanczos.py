@@ -215,3 +215,74 @@ def test_hvp_and_lanczos_on_cuda_match_the_cpu():
     assert torch.allclose(res.eigenvalues.cpu(), torch.cat([exact[:2], exact[-2:]]), rtol=1e-8, atol=1e-10)
     cp = ss.analyze(gpu, exact=False, grad_tol=10.0, index_probes=2, index_steps=20)
     assert cp.method == "lanczos" and cp.kind in ("saddle", "minimum", "inconclusive", "degenerate")
+
+
+def power_iteration(op, tol=1e-3, seed=0, max_iter=1000):
+    """PyHessian's top eigenvalue: power iteration stopped when the estimate's relative change is < tol."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64)
+    v = v / v.norm()
+    value = None
+    for products in range(1, max_iter + 1):
+        hv = op.matmat(v[:, None].to(op.dtype))[:, 0].double()
+        new = float(hv @ v)
+        v = hv / hv.norm()
+        if value is not None and abs(new - value) / (abs(value) + 1e-6) < tol:
+            return new, products
+        value = new
+    return value, max_iter
+
+
+def outlier_spectrum(n=600, seed=0):
+    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
+    gen = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
+    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
+    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
+
+
+def test_top_one_is_judged_from_the_first_step_at_about_the_cost_of_power_iteration():
+    # Issue 16: top-1 cost 21 products whatever the spectrum (no convergence check before 20 steps).
+    # Now the random-start bound lets it stop after 8 steps + 1 confirmation. PyHessian's power iteration
+    # at 1e-3 (measured, seeds 0-7): 6-12 products, 69 in all against our 72, with errors of 5e-3 to
+    # 5e-2 where ours are below 1e-10. On the digits MLP at initialisation: ours 18 (21 before), power
+    # iteration 8-14, 1e-3 off.
+    values = outlier_spectrum()
+    op = planted(values)
+    ours, theirs = [], []
+    for seed in range(8):
+        res = ss.eigs(op, 1, "largest", tol=1e-4, seed=seed)
+        value, products = power_iteration(op, seed=seed)
+        assert res.all_converged and res.hvp_count <= 10
+        assert res.guard["rule"] == "random-start bound" and res.guard["steps"] < 20
+        # The probabilistic bound (level 1e-3) holds here: 100 <= U, and U is within the tolerance.
+        assert 100.0 <= res.guard["lambda_max_at_most"] <= 100.0 * (1 + 1e-4)
+        assert abs(float(res.eigenvalues[0]) - 100) <= 1e-3 * abs(value - 100)
+        ours.append(res.hvp_count)
+        theirs.append(products)
+    assert sum(ours) <= sum(theirs) + len(ours)
+
+
+def test_the_random_start_bound_holds_at_its_level():
+    # The bound lambda_max <= U (probability >= 1 - delta over a random start) checked by sampling starts
+    # on a gap-free spectrum after 8 steps, where Lanczos is still far from lambda_max. Measured (500
+    # starts): U misses lambda_max for 6% of them at delta = 0.5, 0.4% at 0.2, none at 0.05 (the bound is
+    # conservative, not vacuous: its median U is 1.02, 1.04, 1.09 for lambda_max = 1).
+    from saddlescope.curvature.lanczos import LanczosState, StoppingRule
+
+    n, delta = 60, 0.5
+    values = torch.linspace(0, 1, n, dtype=torch.float64)
+    op = ss.DenseOperator(torch.diag(values))
+    rule = StoppingRule(k=1, which="both", tol=1e-6, relative_to="norm", atol=None, value_floor=0.0,
+                        stop_below=None, budget=10**6, min_dim=10**6, n=n, miss_probability=delta)
+    misses, gaps = 0, []
+    for seed in range(300):
+        state = LanczosState(torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), n, 0)
+        for _ in range(8):
+            state.step(op.matmat)
+        ritz = state.ritz()
+        bounds = rule.report(state, ritz, "budget")
+        misses += bounds["lambda_max_at_most"] < 1.0 or bounds["lambda_min_at_least"] > 0.0
+        gaps.append(bounds["lambda_max_at_most"] - float(ritz.values[-1]))
+        assert not rule.guarded(state, ritz)  # 8 steps cannot exclude a miss here
+    assert 0 < misses <= delta * 300 and min(gaps) > 0

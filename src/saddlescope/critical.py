@@ -328,6 +328,7 @@ def analyze(
     progress: Callable[[int, int], None] | None = None,
     exact_affordable_s: float = EXACT_AFFORDABLE_S,
     index_hvps: int | None = None,
+    memory_budget: int | None = None,
 ) -> CriticalPoint:
     """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
 
@@ -369,6 +370,10 @@ def analyze(
             quotient below the zero threshold (the saddle is proved; ``eigenvalues[0]`` is then that
             quotient, an upper bound on lambda_min). False goes on to converge lambda_min from there.
         progress: ``progress(done, total)`` while the Hessian is built or the solver runs.
+        memory_budget: iterative path: bytes each eigensolver run's own tensors may hold (default: half
+            of what is free where the model lives, less a rebuilt gradient graph); it sizes the Krylov
+            basis and its precision (``cp.lanczos["top"]["plan"]``), and when not even the smallest
+            useful basis fits, :class:`~saddlescope.errors.MemoryBudgetError` is raised before any product.
 
     Returns:
         A :class:`CriticalPoint`.
@@ -406,6 +411,7 @@ def analyze(
             objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
             eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
             stop_at_certificate=stop_at_certificate, progress=progress, index_hvps=index_hvps,
+            memory_budget=memory_budget,
         )
     point.notes = list(objective.notes)
     plan_of_graphs = getattr(objective, "graph_plan", None)
@@ -557,6 +563,7 @@ def _analyze_iterative(
     stop_at_certificate: bool,
     progress: Callable[[int, int], None] | None,
     index_hvps: int | None = None,
+    memory_budget: int | None = None,
 ) -> CriticalPoint:
     r"""The iterative path.
 
@@ -584,13 +591,15 @@ def _analyze_iterative(
     k_end = max(1, min(k, n // 2))
 
     t0 = time.perf_counter()
-    top = eigs(op, k_end, "largest", tol=eig_tol, max_hvps=max_hvps, seed=seed, progress=progress)
+    top = eigs(op, k_end, "largest", tol=eig_tol, max_hvps=max_hvps, seed=seed, progress=progress,
+               memory_budget=memory_budget)
     seconds["top"] = time.perf_counter() - t0
     scale = top.spectral_norm
     threshold = rtol * scale + atol
     t0 = time.perf_counter()
     bottom_opts: dict[str, Any] = dict(
         tol=eig_tol, relative_to="value", atol=0.25 * threshold, max_hvps=max_hvps, progress=progress,
+        memory_budget=memory_budget,
     )
     bottom = eigs(op, k_end, "smallest", seed=seed + 1, stop_below=-threshold, **bottom_opts)
     if bottom.stopped_early and not stop_at_certificate:

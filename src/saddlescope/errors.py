@@ -78,3 +78,7 @@ class DistributedError(SaddlescopeError):
 
 class DataChangedError(InvalidInputError):
     """A data loader yielded other batches on a later pass than on the first (shuffling, random transforms)."""
+
+
+class MemoryBudgetError(TooLargeError):
+    """Not even the smallest useful plan (e.g. a Krylov basis) fits the memory budget; raised before any product."""

@@ -1,0 +1,213 @@
+"""Memory as a budget: eigs plans its Krylov basis (size, precision, place) from the memory it may use,
+says so in the result, falls back to a float32 basis with partial reorthogonalisation, and refuses
+before any product when nothing fits. Accuracy of the float32 basis against the float64 path and dense eigh."""
+
+import json
+import types
+
+import pytest
+import torch
+from spectra import planted
+
+import saddlescope as ss
+from saddlescope import errors
+from saddlescope.curvature import lanczos
+from saddlescope.memory import available_memory
+
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def outlier_spectrum(n=600, seed=0):
+    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
+    gen = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
+    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
+    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
+
+
+class Diagonal:
+    """A diagonal operator of any size (the products cost n flops), counted."""
+
+    def __init__(self, values):
+        self.values = values
+        self.shape = (values.numel(), values.numel())
+        self.dtype, self.device = values.dtype, values.device
+        self.hvp_count = 0
+
+    def matmat(self, block):
+        self.hvp_count += block.shape[1]
+        return self.values[:, None] * block
+
+
+def truth(values, k, which):
+    s = torch.sort(values.double()).values
+    return {"largest": s[-k:], "smallest": s[:k], "both": torch.cat([s[:k], s[-k:]])}[which]
+
+
+def need(n, vectors, dtype, want=1):
+    partial = dtype == torch.float32
+    return lanczos.planned_bytes(n, vectors, want, basis_dtype=dtype, recurrence_dtype=torch.float64,
+                                 partial=partial, grows_by_copy=False)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+@pytest.mark.parametrize("krylov_dim", [None, 40])
+def test_a_float32_basis_costs_little_accuracy_against_the_float64_path(which, krylov_dim):
+    # Dense eigh is the truth. Measured (tol 1e-6 of ||A||): the float64 path's eigenvalue error <= 8e-9 of
+    # ||A||, the float32 basis's <= 8e-8; the float32 basis stops at its residual floor, 64 eps(float32)
+    # ||A|| = 7.6e-6 ||A|| (true residuals up to 6.8e-6 ||A||, against <= 1e-6 for float64), and so spends
+    # fewer products (109-114 against 154-173 at the bottom; the same at the top).
+    values = outlier_spectrum()
+    op = planted(values)
+    scale = float(values.abs().max())
+    full = ss.eigs(op, 3, which, tol=1e-6, krylov_dim=krylov_dim)
+    coarse = ss.eigs(op, 3, which, tol=1e-6, krylov_dim=krylov_dim, basis_dtype=torch.float32)
+    assert full.plan.dtype == "torch.float64" and full.plan.reorthogonalisation == "full"
+    assert coarse.plan.dtype == "torch.float32" and coarse.plan.reorthogonalisation == "partial"
+    assert coarse.plan.recurrence_dtype == "torch.float64" and coarse.dtype == "torch.float32"
+    exact = truth(values, 3, which)
+    assert float((full.eigenvalues - exact).abs().max()) <= 1e-7 * scale
+    assert float((coarse.eigenvalues - exact).abs().max()) <= 1e-6 * scale
+    true = (op.matrix @ coarse.eigenvectors - coarse.eigenvectors * coarse.eigenvalues).norm(dim=0)
+    assert torch.allclose(true, coarse.residuals, rtol=1e-6, atol=1e-12 * scale)
+    assert coarse.all_converged and coarse.atol == pytest.approx(lanczos.COARSE_FLOOR_EPS * F32_EPS * scale, rel=1e-6)
+    assert float(coarse.residuals.max()) <= coarse.atol
+    assert coarse.hvp_count <= full.hvp_count + 5
+    if krylov_dim is None:
+        assert 0 < coarse.reorthogonalisations < coarse.hvp_count  # partial: not every step
+
+
+def test_the_budget_chooses_size_then_precision_then_refuses():
+    n = 20_000
+    op = Diagonal(outlier_spectrum(n))
+    roomy = ss.eigs(op, 1, "largest", tol=1e-8, memory_budget=2**30)
+    assert (roomy.plan.vectors, roomy.plan.dtype, roomy.plan.device) == (1000, "torch.float64", "cpu")
+    assert roomy.plan.bytes <= roomy.plan.budget == 2**30 and roomy.plan.budget_source == "memory_budget"
+    assert "(the cap)" in roomy.plan.why
+
+    # Fewer float64 vectors while at least 40 fit.
+    budget = need(n, 60, torch.float64)
+    fewer = ss.eigs(op, 1, "largest", tol=1e-8, memory_budget=budget)
+    assert fewer.plan.dtype == "torch.float64" and fewer.plan.vectors == 60 and fewer.plan.bytes <= budget
+
+    # Below 40 float64 vectors: a float32 basis with partial reorthogonalisation, as many vectors as fit.
+    budget = need(n, 40, torch.float64) - 1
+    coarse = ss.eigs(op, 1, "largest", tol=1e-8, memory_budget=budget)
+    assert coarse.plan.dtype == "torch.float32" and coarse.plan.reorthogonalisation == "partial"
+    assert coarse.plan.vectors >= 60 and coarse.plan.bytes <= budget
+    assert "float64 basis of 40 vectors would need" in coarse.plan.why
+    assert coarse.eigenvalues[-1] == pytest.approx(100.0, rel=1e-6)
+
+    # Below 40 float32 vectors: fewer, down to 20 (ARPACK's default ncv).
+    budget = need(n, 25, torch.float32)
+    small = ss.eigs(op, 1, "largest", tol=1e-8, memory_budget=budget)
+    assert small.plan.dtype == "torch.float32" and small.plan.vectors == 25
+    assert small.eigenvalues[-1] == pytest.approx(100.0, rel=1e-6)
+
+    # Not even 20 float32 vectors: a clear error with the estimate, before any product.
+    budget = need(n, 20, torch.float32) - 1
+    op.hvp_count = 0
+    with pytest.raises(errors.MemoryBudgetError, match=r"even 20 float32 vectors of 20,000 numbers need about") as info:
+        ss.eigs(op, 1, "largest", memory_budget=budget)
+    assert op.hvp_count == 0
+    assert f"{need(n, 20, torch.float32):,} bytes" in str(info.value)
+    assert isinstance(info.value, errors.TooLargeError) and isinstance(info.value, MemoryError)
+    # A fixed size is honoured (in the precision that fits) or refused, never shrunk.
+    with pytest.raises(errors.MemoryBudgetError, match="even 300 float32"):
+        ss.eigs(op, 1, krylov_dim=300, memory_budget=need(n, 200, torch.float32))
+    fixed = ss.eigs(op, 1, krylov_dim=300, memory_budget=need(n, 300, torch.float64) - 1)
+    assert fixed.plan.vectors == 300 and fixed.plan.dtype == "torch.float32"
+
+
+def test_the_default_budget_is_half_the_free_memory_less_a_rebuilt_graph(monkeypatch):
+    op = planted(torch.linspace(-1, 2, 300))
+    free, source = available_memory("cpu")
+    res = ss.eigs(op, 1, "largest")
+    assert res.plan.budget is not None and source in res.plan.budget_source
+    assert res.plan.budget == pytest.approx(lanczos.BASIS_MEMORY_SHARE * free, rel=0.2)
+
+    monkeypatch.setattr(lanczos, "available_memory", lambda device: (1_000_000, "a test"))
+    res = ss.eigs(op, 1, "largest")
+    assert res.plan.budget == 500_000 and "a test" in res.plan.budget_source
+    assert res.plan.bytes <= 500_000
+    graphs = types.SimpleNamespace(recomputed=2, bytes_per_graph=200_000)
+    with_graph = types.SimpleNamespace(shape=op.shape, dtype=op.dtype, device=op.device, matmat=op.matmat,
+                                       graph_plan=graphs)
+    res = ss.eigs(with_graph, 1, "largest")
+    assert res.plan.budget == 400_000 and "rebuilt gradient graph" in res.plan.budget_source
+
+    monkeypatch.setattr(lanczos, "available_memory", lambda device: (None, "unknown"))
+    res = ss.eigs(op, 1, "largest")  # the former rule: as many float64 vectors as fit 1 GiB
+    assert res.plan.budget is None and res.plan.vectors == 300 and res.plan.dtype == "torch.float64"
+
+
+def test_the_plan_is_in_the_record_beside_every_former_key():
+    res = ss.eigs(planted(torch.linspace(-1, 2, 100)), 2, "both", memory_budget=10**8)
+    record = res.to_dict()
+    for key in ("eigenvalues", "residuals", "converged", "spectral_norm", "hvp_count", "restarts", "which", "tol",
+                "relative_to", "atol", "stopped_early", "dtype", "operator_dtype"):
+        assert key in record
+    plan = record["plan"]
+    assert {"vectors", "dtype", "bytes", "budget", "why", "reorthogonalisation", "device"} <= set(plan)
+    assert plan["budget"] == 10**8 and plan["vectors"] == 100
+    json.dumps(record)
+
+
+def test_analyze_takes_the_budget_and_refuses_before_any_product():
+    a = planted(outlier_spectrum(300), seed=2).matrix
+    obj = ss.Objective.from_function(lambda th: 0.5 * th @ (a @ th), torch.zeros(300, dtype=torch.float64))
+    cp = ss.analyze(obj, exact=False, k=1, index_probes=0, memory_budget=need(300, 30, torch.float32))
+    assert cp.kind == "saddle"
+    for end in ("top", "bottom"):
+        plan = cp.lanczos[end]["plan"]
+        assert plan["budget_source"] == "memory_budget" and plan["dtype"] == "torch.float32"
+    calls = []
+    with pytest.raises(errors.MemoryBudgetError):
+        ss.analyze(obj, exact=False, index_probes=0, memory_budget=1000, progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_a_cpu_basis_holds_only_the_vectors_a_run_writes():
+    # 2M parameters, a plan of about 2 GiB (127 float64 vectors); top-1 converges in about ten steps,
+    # and the resident set grows by about as many vectors, not by the plan.
+    n = 2_000_000
+    values = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values[0] = 5.0
+    op = Diagonal(values)
+
+    def rss():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+    before, peak = rss(), [0]
+    res = ss.eigs(op, 1, "largest", tol=1e-4, memory_budget=2 * 2**30,
+                  progress=lambda done, total: peak.__setitem__(0, max(peak[0], rss())))
+    assert res.plan.vectors > 100 and res.plan.bytes > 1.5 * 2**30
+    assert res.eigenvalues[-1] == pytest.approx(5.0, rel=1e-6)
+    vector = n * 8
+    assert peak[0] - before <= (res.hvp_count + 12) * vector
+
+
+def test_on_a_gpu_the_basis_moves_to_host_memory_before_the_plan_gives_up():
+    # plan_basis is a pure function of the budgets: checked here without a GPU.
+    n = 10_000_000
+    gpu_room = lanczos.planned_bytes(n, 20, 1, basis_dtype=torch.float32, recurrence_dtype=torch.float64,
+                                     partial=True, grows_by_copy=True) - 1
+    plan = lanczos.plan_basis(n, 1, budget=gpu_room, budget_source="test GPU", device="cuda",
+                              host_budget=64 * 2**30, host_source="test host")
+    assert (plan.device, plan.dtype, plan.reorthogonalisation) == ("cpu", "torch.float32", "partial")
+    assert plan.budget == 64 * 2**30 and "in host memory" in plan.why
+    with pytest.raises(errors.MemoryBudgetError):
+        lanczos.plan_basis(n, 1, budget=gpu_room, budget_source="test GPU", device="cuda",
+                           host_budget=2**20, host_source="test host")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_eigs_with_the_basis_in_host_memory(monkeypatch):
+    values = outlier_spectrum(2000).cuda()
+    op = Diagonal(values)
+    monkeypatch.setattr(lanczos, "default_budget", lambda op, device: (
+        (2**30, "test host") if torch.device(device).type == "cpu" else (10_000, "test GPU")))
+    res = ss.eigs(op, 1, "both", tol=1e-6)
+    assert res.plan.device == "cpu" and res.eigenvalues.device.type == "cuda"
+    assert torch.allclose(res.eigenvalues.cpu(), truth(values.cpu(), 1, "both"), rtol=1e-5)
