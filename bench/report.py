@@ -3,7 +3,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-PARTS = ("everyday", "scaling", "curvature", "precision", "distributed", "hvp_engines", "exact_hessian")
+PARTS = ("everyday", "scaling", "monitor_overhead", "curvature", "precision", "distributed", "hvp_engines",
+         "exact_hessian")
 
 HEADER = """# Benchmarks
 
@@ -20,6 +21,8 @@ def main() -> None:
     sections = [HEADER]
     for name in PARTS:
         path = HERE / "results" / f"{name}.md"
+        if not path.exists() and (HERE / "results" / f"{name}_quick.md").exists():
+            path = HERE / "results" / f"{name}_quick.md"  # only the --quick run so far
         if path.exists():
             text = path.read_text().strip()
             # Each result's headings go one level down under this page's title.
