@@ -18,12 +18,16 @@ from saddlescope.experiments.prevalence import (
     ConfinedGaussianField,
     PrevalenceConfig,
     grf_minimum_fraction,
+    index_loss_fit,
+    make_function,
     network_shape,
     prevalence_study,
     run_id_of,
+    summarize_prevalence,
     wilson_interval,
 )
 from saddlescope.experiments.records import RecordStore
+from saddlescope.experiments.statistics import cluster_bootstrap, loss_levels
 from saddlescope.report.prevalence_plots import write_prevalence_report
 
 TINY = PrevalenceConfig(families=("grf", "polynomial", "network"), dims=(2, 3), instances=1, starts=3, kicks=1,
@@ -53,6 +57,68 @@ def test_the_double_well_study_finds_every_critical_point_with_its_index(tmp_pat
         row = study.row("double_well", n)
         assert row.minima == 2**n and row.fraction_minima == pytest.approx((2 / 3) ** n)
         assert row.naive == 0.5**n and row.theory is None
+
+
+def test_the_double_wells_instances_are_distinct_rotations_with_one_closed_form(tmp_path):
+    """Instance 0 is the separable double well; instance 1 a randomly rotated copy, a different function with
+    the same answer: its critical points are Q^T {-1, 0, 1}^n, (2/3)^n of them minima."""
+    config = PrevalenceConfig(families=("double_well",), dims=(2,), instances=2, starts=60, kicks=2)
+    plain, rotated = (make_function("double_well", 2, 0, i, config) for i in (0, 1))
+    x = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    assert not plain.describe["rotated"] and rotated.describe["rotated"]
+    assert float(plain.f(x)) != pytest.approx(float(rotated.f(x)))
+    study = prevalence_study(out=tmp_path, config=config, workers=0, progress=False)
+    q = torch.tensor(rotated.describe["rotation"], dtype=torch.float64)
+    (record,) = [r for r in study.records if r["instance"] == 1]
+    assert len(record["points"]) == 9
+    for p in record["points"]:
+        y = q @ torch.tensor(p["theta"], dtype=torch.float64)
+        assert float((y - y.round()).abs().max()) < 1e-8
+        assert p["n_negative"] == int((y.round() == 0).sum())
+    row = study.row("double_well", 2)
+    assert row.closed_form == pytest.approx(4 / 9) and row.fraction_minima == pytest.approx(4 / 9)
+    assert row.instances == 2 and math.isnan(row.fraction_ci[0])  # two functions: too few to resample
+    assert row.wilson_ci[0] < 4 / 9 < row.wilson_ci[1]
+    report = write_prevalence_report(study, command="x").read_text()
+    assert "(2/3)^n" in report and "0.444 (exact)" in report
+
+
+def _planted(family, n, instance, kinds_and_losses):
+    points = [{"kind": kind, "loss": loss, "index": index, "hits": 1} for kind, loss, index in kinds_and_losses]
+    return {"family": family, "n": n, "instance": instance, "labels": {"critical": len(points)},
+            "starts": [{}] * len(points), "points": points}
+
+
+def test_fractions_resample_functions_and_fits_are_per_dimension():
+    """Four functions: two all minima, two all saddles. The pooled fraction is 1/2; the bootstrap over
+    functions is wide (a resample can hold only minima-functions), the Wilson interval over 40 points is not.
+    Index rises with loss at n = 2 and falls at n = 3: per-dimension fits keep both signs."""
+    records = []
+    for i in range(4):
+        kind = "minimum" if i % 2 else "saddle"
+        records.append(_planted("polynomial", 2, i, [(kind, 0.1 * k + i, (0.1 * k + i) / 10) for k in range(10)]))
+        records.append(_planted("polynomial", 3, i, [(kind, 0.1 * k, 1 - 0.05 * k) for k in range(10)]))
+    config = PrevalenceConfig(families=("polynomial",), dims=(2, 3), instances=4)
+    rows = summarize_prevalence(records, config, seed=0)
+    row = rows[0]
+    assert row.fraction_minima == 0.5 and row.ci_method.startswith("bootstrap over functions")
+    assert row.fraction_ci[0] <= 0.2 and row.fraction_ci[1] >= 0.8
+    assert row.wilson_ci[0] > 0.3 and row.wilson_ci[1] < 0.7
+    up, down = index_loss_fit(records, "polynomial", 2), index_loss_fit(records, "polynomial", 3)
+    assert up.n == 2 and up.functions == 4 and up.points == 40 and up.spearman == pytest.approx(1.0)
+    assert up.slope == pytest.approx(0.1) and up.slope_ci[0] == pytest.approx(0.1)
+    assert down.spearman == pytest.approx(-1.0) and down.slope == pytest.approx(-0.5)
+    single = summarize_prevalence(records[:2], config)[0]
+    assert math.isnan(single.fraction_ci[0]) and single.ci_method.startswith("none")
+
+
+def test_the_statistics_helpers():
+    assert loss_levels([0.5, 0.505, 0.509, 0.7, 0.71, 2.3]) == 3
+    assert loss_levels([0.1 + 0.01 * k for k in range(41)]) > 20  # a continuum is many levels
+    assert loss_levels([]) == 0
+    est = cluster_bootstrap([[1.0], [2.0], [3.0]], lambda g: sum(x for c in g for x in c) / len(g), what="groups")
+    assert est.value == 2.0 and 1.0 <= est.low < 2.0 < est.high <= 3.0
+    assert math.isnan(cluster_bootstrap([[1.0]], len, what="groups").low)
 
 
 # ---------------------------------------------------------------------- the Kac-Rice curve

@@ -266,17 +266,19 @@ def study_min_ratio(
     workers: int = typer.Option(1, help="Processes (spawned, one thread each); 0 computes in this process."),
     hidden: str = typer.Option(None, help="Hidden widths to draw from, ';'-separated, e.g. '8;16;8,8'."),
     activations: str = typer.Option(None, help="Comma-separated, from tanh,softplus,gelu,sigmoid."),
-    train_steps: str = typer.Option(None, help="Comma-separated Adam steps / L-BFGS iterations to draw from."),
-    n_samples: int = typer.Option(None, help="First digits used (default 300)."),
-    weight_decay: float = typer.Option(None, help="L2 penalty w in w/2 |theta|^2."),
-    loss: str = typer.Option(None, help="cross_entropy | mse."),
-    grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default 1e-6, float64)."),
+    train_steps: str = typer.Option(None, help="Comma-separated training lengths to draw from (each >= 100)."),
+    n_samples: int = typer.Option(None, help="First digits used (default 200)."),
+    weight_decay: float = typer.Option(None, help="L2 penalty w in w/2 |theta|^2 (at most 1e-5; default 1e-5)."),
+    loss: str = typer.Option(None, help="mse (default) | cross_entropy."),
+    grad_rtol: float = typer.Option(None, help="Critical when |grad| <= this x the loss scale (default 1e-8)."),
     max_iter: int = typer.Option(None, help="Hessians per critical-point search at most."),
+    lecture_steps: int = typer.Option(None, help="Adam steps on |grad|^2 for the lecture's panel (default 500)."),
     progress: bool = typer.Option(True, help="Show progress: a bar on a terminal, timed lines elsewhere."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Same as --no-progress."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Train N networks, drive each to a critical point, take the exact spectrum; write report.md."""
+    """Train N networks; the lecture's points (train, then minimise |grad|) and certified critical points from
+    each trajectory, by exact spectrum; write report.md with both panels and a conclusion."""
     import json
     import shlex
 
@@ -293,7 +295,7 @@ def study_min_ratio(
         if train_steps is not None:
             options["train_steps"] = _int_list(train_steps, "--train-steps")
         for name, value in (("n_samples", n_samples), ("weight_decay", weight_decay), ("loss", loss),
-                            ("grad_tol", grad_tol), ("max_iter", max_iter)):
+                            ("grad_rtol", grad_rtol), ("max_iter", max_iter), ("lecture_steps", lecture_steps)):
             if value is not None:
                 options[name] = value
         study = min_ratio(n_networks, out=out, seed=seed, workers=workers, config=MinRatioConfig(**options),
@@ -306,10 +308,13 @@ def study_min_ratio(
         typer.echo(json.dumps(to_jsonable(study.to_dict()), indent=2))
         return
     s = study.summary
-    typer.echo(f"{s.n_runs} networks: " + ", ".join(f"{k} {v}" for k, v in s.labels.items()))
-    typer.echo("critical points: " + (", ".join(f"{k} {v}" for k, v in s.kinds.items()) or "none")
-               + f"; fraction of minima {s.fraction_minima:.3g}; largest min ratio {s.largest_min_ratio:.4g}; "
-               f"loss-index Pearson r {s.pearson_loss_index:.3g}")
+    typer.echo(f"{s.n_runs} networks, {s.n_searches} searches: " + ", ".join(f"{k} {v}" for k, v in s.labels.items())
+               + f" (certified {s.fraction_critical:.0%}, {s.loss_levels} loss levels)")
+    typer.echo("certified: " + (", ".join(f"{k} {v}" for k, v in s.kinds.items()) or "none")
+               + f", collapsed {s.collapsed}; Spearman loss-index {s.spearman.text('.2f')}")
+    typer.echo("lecture points, largest min ratio at delta = 0, 1e-6, 1e-4: "
+               + ", ".join(f"{v:.3f}" for v in s.lecture.largest_min_ratio.values())
+               + f"; |grad| {s.lecture.grad_norm_range[0]:.1e} to {s.lecture.grad_norm_range[1]:.1e}")
     typer.echo(f"report: {report}")
 
 

@@ -187,7 +187,7 @@ def min_ratio_study_html(study: Any) -> str:
          f"{_num(s.largest_min_ratio, '.3f')} / {_num(s.largest_min_ratio_saddle, '.3f')}"),
         ("loss vs index (Pearson / Spearman)",
          f"{_num(s.pearson_loss_index, '.3f')} / {_num(s.spearman_loss_index, '.3f')}"),
-        ("fit loss = a + b index", f"a {_num(s.fit_intercept)}, b {_num(s.fit_slope)}"),
+        ("fit index = a + b loss", f"a {_num(s.fit_intercept)}, b {_num(s.fit_slope)}"),
         ("loss of minima / saddles", f"{_range(s.minimum_loss_range)} / {_range(s.saddle_loss_range)}"),
         ("runs computed / reused", f"{_num(len(study.computed))} / {_num(len(study.skipped))}"),
         ("seed, time", f"{_num(study.seed)}, {_num(study.seconds, '.3g')} s"),

@@ -54,14 +54,17 @@ Families (``PrevalenceConfig.families``):
   :math:`\tfrac{w}{2}\|\theta\|^2` (``net_weight_decay``) so that no critical point escapes to
   infinity. :math:`n = 1` has no such network and is skipped.
 
-* ``"double_well"`` --- :math:`f(x) = \sum_i (x_i^2 - 1)^2`, whose :math:`3^n` critical points are
-  known in closed form (:math:`x_i \in \{-1, 0, 1\}`; :math:`f'' = 8` at :math:`\pm1`, :math:`-4` at
-  0, so :math:`\binom{n}{k}2^{n-k}` have index :math:`k`). Not random: the check of the method.
+* ``"double_well"`` --- :math:`f(x) = \sum_i ((Qx)_i^2 - 1)^2`, whose :math:`3^n` critical points are
+  known in closed form (:math:`Qx \in \{-1, 0, 1\}^n`; curvature 8 at :math:`\pm1`, :math:`-4` at 0, so
+  :math:`\binom{n}{k}2^{n-k}` have index :math:`k` and a share :math:`(2/3)^n` are minima). Instance 0
+  has :math:`Q = I` (separable); instance :math:`i \ge 1` a random rotation :math:`Q`, so that the
+  instances are distinct functions with the same closed-form answer. The check of the method.
 
 Each (family, :math:`n`, instance) is one *run*: a function drawn from
 ``numpy.random.default_rng([seed, family code, n, instance])``, ``starts`` random starts, each driven
 to a critical point by :func:`~saddlescope.experiments.critical_search.find_critical_point`
-(Levenberg--Marquardt on :math:`\tfrac12\|g\|^2` with exact Hessians). Minimising :math:`\|g\|^2`
+(damped Newton-MR on :math:`\tfrac12\|g\|^2` with exact Hessians; trust-region Newton steps on
+:math:`f` where no eigenvalue is resolvably negative). Minimising :math:`\|g\|^2`
 stalls at its own non-critical local minima (where :math:`Hg = 0 \ne g`), which in high dimension
 are the majority (Doye & Wales 2002, J. Chem. Phys. 116, 3777; Frye et al. 2020); a search that ends
 so is restarted ``kicks`` times from its end point plus a Gaussian kick of ``kick_scale`` times the
@@ -115,18 +118,28 @@ from saddlescope.display import prevalence_study_html
 from saddlescope.errors import InvalidInputError, SaddlescopeError
 from saddlescope.experiments.critical_search import find_critical_point
 from saddlescope.experiments.records import RecordStore, atomic_write_json, json_restore, json_safe
+from saddlescope.experiments.statistics import (
+    cluster_bootstrap,
+    linear_fit,
+    pearson,
+    rank_correlation,
+    wilson_interval,
+)
 from saddlescope.experiments.workers import complete_runs, imap_tasks, one_thread
 from saddlescope.objective import Objective
 from saddlescope.tolerances import default_tolerances
 
-__all__ = ["FAMILIES", "ConfinedGaussianField", "GrfTheory", "PrevalenceConfig", "PrevalenceRow",
-           "PrevalenceStudy", "RandomFunction", "grf_minimum_fraction", "make_function", "network_shape",
-           "prevalence_study", "run_instance", "summarize_prevalence", "wilson_interval"]
+__all__ = ["FAMILIES", "ConfinedGaussianField", "GrfTheory", "IndexLossFit", "PrevalenceConfig", "PrevalenceRow",
+           "PrevalenceStudy", "RandomFunction", "double_well_fraction", "grf_minimum_fraction", "index_loss_fit",
+           "make_function", "network_shape", "prevalence_study", "run_instance", "summarize_prevalence",
+           "wilson_interval"]
 
 FAMILIES = ("grf", "polynomial", "network", "double_well")
 _FAMILY_CODE = {"grf": 1, "polynomial": 2, "network": 3, "double_well": 4}
 MAX_DIM = 200  # the exact Hessian is formed at every search step
 MAX_INSTANCES = 1000  # run ids encode (family, n, instance) in decimal fields
+# A bootstrap over two functions has three distinct resamples: too few for an interval.
+MIN_BOOTSTRAP_FUNCTIONS = 3
 
 
 # ---------------------------------------------------------------------- configuration
@@ -226,7 +239,8 @@ class RandomFunction:
     Attributes:
         family, n: what it is; ``describe``: its parameters (JSON-ready).
         f: the function; ``start_scale``: starts are :math:`N(0, \\text{start\\_scale}^2 I)`, or
-            uniform on :math:`[-\\text{start\\_scale}, \\text{start\\_scale}]^n` if ``uniform_starts``.
+            uniform on :math:`[-\\text{start\\_scale}, \\text{start\\_scale}]^n` if ``uniform_starts``
+            (rotated by ``start_rotation`` transposed, where given).
     """
 
     family: str
@@ -235,14 +249,15 @@ class RandomFunction:
     start_scale: float
     describe: dict[str, Any]
     uniform_starts: bool = False
+    start_rotation: Tensor | None = None
 
     def objective(self) -> Objective:
         return Objective.from_function(self.f, torch.zeros(self.n, dtype=torch.float64))
 
     def start(self, generator: torch.Generator) -> Tensor:
         if self.uniform_starts:
-            u = torch.rand(self.n, generator=generator, dtype=torch.float64)
-            return self.start_scale * (2 * u - 1)
+            u = self.start_scale * (2 * torch.rand(self.n, generator=generator, dtype=torch.float64) - 1)
+            return u if self.start_rotation is None else self.start_rotation.T @ u
         return self.start_scale * torch.randn(self.n, generator=generator, dtype=torch.float64)
 
 
@@ -330,11 +345,26 @@ def _network(n: int, generator: torch.Generator, weight_decay: float) -> RandomF
                            "loss": "mean (y - teacher)^2 / 2 + w/2 |theta|^2"})
 
 
-def _double_well(n: int) -> RandomFunction:
-    def double_well(x: Tensor) -> Tensor:
-        return ((x * x - 1) ** 2).sum()
+def _double_well(n: int, generator: torch.Generator | None) -> RandomFunction:
+    """The double well; rotated by a random orthogonal :math:`Q` (Haar: QR of a Gaussian matrix with the
+    signs of R's diagonal) unless ``generator`` is None. Starts are uniform on the cube in the rotated
+    coordinates, so every instance sees the same search problem up to the rotation."""
+    if generator is None:
+        def double_well(x: Tensor) -> Tensor:
+            return ((x * x - 1) ** 2).sum()
 
-    return RandomFunction("double_well", n, double_well, 1.5, {"form": "sum_i (x_i^2 - 1)^2"}, uniform_starts=True)
+        return RandomFunction("double_well", n, double_well, 1.5, {"form": "sum_i (x_i^2 - 1)^2", "rotated": False},
+                              uniform_starts=True)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    rotation = q * torch.sign(torch.diagonal(r))
+
+    def rotated_double_well(x: Tensor) -> Tensor:
+        y = rotation @ x
+        return ((y * y - 1) ** 2).sum()
+
+    return RandomFunction("double_well", n, rotated_double_well, 1.5,
+                          {"form": "sum_i ((Q x)_i^2 - 1)^2", "rotated": True, "rotation": rotation.tolist()},
+                          uniform_starts=True, start_rotation=rotation)
 
 
 def make_function(family: str, n: int, seed: int, instance: int, config: PrevalenceConfig) -> RandomFunction:
@@ -356,7 +386,12 @@ def make_function(family: str, n: int, seed: int, instance: int, config: Prevale
         return _polynomial(n, generator)
     if family == "network":
         return _network(n, generator, config.net_weight_decay)
-    return _double_well(n)
+    return _double_well(n, generator if instance > 0 else None)
+
+
+def double_well_fraction(n: int) -> float:
+    """The closed-form share of minima among the :math:`3^n` critical points of the double well: :math:`(2/3)^n`."""
+    return (2.0 / 3.0) ** n
 
 
 def has_dimension(family: str, n: int) -> bool:
@@ -529,28 +564,21 @@ def grf_minimum_fraction(n: int, edge_ratio: float, *, samples: int = 4000, seed
 
 
 # ---------------------------------------------------------------------- summary
-def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) for a binomial proportion; (nan, nan) if total = 0."""
-    if total <= 0:
-        return (math.nan, math.nan)
-    p = successes / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 @dataclass
 class PrevalenceRow:
-    """One family at one dimension, pooled over its instances.
+    """One family at one dimension, pooled over its instances (functions).
 
     Attributes:
         starts, labels: searches and their labels (critical / gradient_flat / not_converged / error).
-        distinct: distinct critical points (merged within each instance, summed over instances);
+        distinct: distinct critical points (merged within each function, summed over functions);
             ``kinds``: them by kind; ``minima`` = ``kinds["minimum"]``.
-        fraction_minima: ``minima / distinct`` with its 95% Wilson interval ``fraction_ci``.
+        fraction_minima: ``minima / distinct``. ``fraction_ci``: its 95% interval from a bootstrap over
+            the functions (the pooled fraction of each resample; NaN with fewer than three), ``ci_method``
+            how it was made; ``wilson_ci``: the Wilson interval that treats every point as independent
+            (too short when a function's points are alike).
         start_fraction_minima: the share of critical searches that ended at a minimum (basin-weighted).
-        naive: :math:`2^{-n}`. theory: the GRF's :class:`GrfTheory` (GRF rows only).
+        naive: :math:`2^{-n}`. theory: the GRF's :class:`GrfTheory` (GRF rows only). closed_form: the
+            double well's :math:`(2/3)^n` (double-well rows only).
         mean_index: mean index over distinct points.
     """
 
@@ -568,56 +596,72 @@ class PrevalenceRow:
     mean_index: float
     naive: float
     theory: GrfTheory | None = None
+    wilson_ci: tuple[float, float] = (math.nan, math.nan)
+    ci_method: str = ""
+    closed_form: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["fraction_ci"] = list(self.fraction_ci)
+        out["fraction_ci"], out["wilson_ci"] = list(self.fraction_ci), list(self.wilson_ci)
         out["theory"] = None if self.theory is None else self.theory.to_dict()
         return out
 
 
 @dataclass
 class IndexLossFit:
-    """Index against loss at the distinct critical points of one family (pooled over dimensions).
+    """Index against loss at the distinct critical points of one family in one dimension.
 
     ``loss`` is :math:`f/n` for the GRF (an energy density, as in Bray & Dean 2007) and :math:`f`
-    otherwise. ``slope``, ``intercept``: least squares ``index = intercept + slope * loss``.
+    otherwise. ``slope``, ``intercept``: least squares ``index = intercept + slope * loss``; ``slope_ci``
+    and ``spearman_ci``: 95% bootstraps over the functions (NaN with fewer than three).
     """
 
     family: str
+    n: int
     points: int
+    functions: int
     loss_per_dimension: bool
     pearson: float
     spearman: float
     slope: float
     intercept: float
+    slope_ci: tuple[float, float] = (math.nan, math.nan)
+    spearman_ci: tuple[float, float] = (math.nan, math.nan)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["slope_ci"], out["spearman_ci"] = list(self.slope_ci), list(self.spearman_ci)
+        return out
 
 
-def _distinct_points(records: Sequence[dict[str, Any]], family: str) -> list[dict[str, Any]]:
-    return [{**p, "n": r["n"]} for r in records if r["family"] == family for p in r["points"]]
+def _loss_index(records: Sequence[dict[str, Any]], per_dimension: bool) -> tuple[list[float], list[float]]:
+    points = [(p["loss"] / (r["n"] if per_dimension else 1), p["index"]) for r in records for p in r["points"]]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
-def index_loss_fit(records: Sequence[dict[str, Any]], family: str) -> IndexLossFit:
-    points = _distinct_points(records, family)
+def index_loss_fit(records: Sequence[dict[str, Any]], family: str, n: int, seed: int = 0) -> IndexLossFit:
+    """The fit for ``family`` at dimension ``n`` (records of other families or dimensions are ignored)."""
+    group = [r for r in records if r["family"] == family and r["n"] == n]
     per_dimension = family == "grf"
-    loss = np.array([p["loss"] / (p["n"] if per_dimension else 1) for p in points], dtype=float)
-    index = np.array([p["index"] for p in points], dtype=float)
-    nan = math.nan
-    pearson = spearman = slope = intercept = nan
-    if len(points) >= 3 and loss.std() > 0 and index.std() > 0:
-        from scipy import stats
+    loss, index = _loss_index(group, per_dimension)
+    slope, intercept = linear_fit(loss, index)
+    slope_boot = cluster_bootstrap(group, lambda g: linear_fit(*_loss_index(g, per_dimension))[0],
+                                   what="functions", seed=seed, min_clusters=MIN_BOOTSTRAP_FUNCTIONS)
+    rho_boot = cluster_bootstrap(group, lambda g: rank_correlation(*_loss_index(g, per_dimension)),
+                                 what="functions", seed=seed + 1, min_clusters=MIN_BOOTSTRAP_FUNCTIONS)
+    return IndexLossFit(family, n, len(loss), len(group), per_dimension, pearson(loss, index),
+                        rank_correlation(loss, index), slope, intercept, (slope_boot.low, slope_boot.high),
+                        (rho_boot.low, rho_boot.high))
 
-        pearson = float(stats.pearsonr(loss, index).statistic)
-        spearman = float(stats.spearmanr(loss, index).statistic)
-        slope, intercept = (float(v) for v in np.polyfit(loss, index, 1))
-    return IndexLossFit(family, len(points), per_dimension, pearson, spearman, slope, intercept)
+
+def _pooled_fraction(group: Sequence[dict[str, Any]]) -> float:
+    distinct = sum(len(r["points"]) for r in group)
+    minima = sum(p["kind"] == "minimum" for r in group for p in r["points"])
+    return minima / distinct if distinct else math.nan
 
 
 def summarize_prevalence(records: Sequence[dict[str, Any]], config: PrevalenceConfig,
-                         theory: dict[int, GrfTheory] | None = None) -> list[PrevalenceRow]:
+                         theory: dict[int, GrfTheory] | None = None, seed: int = 0) -> list[PrevalenceRow]:
     """One :class:`PrevalenceRow` per family and dimension present in ``records``."""
     rows = []
     theory = theory or {}
@@ -639,14 +683,18 @@ def summarize_prevalence(records: Sequence[dict[str, Any]], config: PrevalenceCo
             distinct = sum(kinds.values())
             minima = kinds.get("minimum", 0)
             indices = [p["index"] for r in group for p in r["points"]]
+            boot = cluster_bootstrap(group, _pooled_fraction, what="functions", seed=seed + n,
+                                     min_clusters=MIN_BOOTSTRAP_FUNCTIONS)
             rows.append(PrevalenceRow(
                 family=family, n=n, instances=len(group), starts=sum(len(r["starts"]) for r in group),
                 labels=dict(sorted(labels.items())), distinct=distinct, kinds=dict(sorted(kinds.items())),
                 minima=minima, fraction_minima=minima / distinct if distinct else math.nan,
-                fraction_ci=wilson_interval(minima, distinct),
+                fraction_ci=(boot.low, boot.high), ci_method=boot.method,
+                wilson_ci=wilson_interval(minima, distinct),
                 start_fraction_minima=hits_min / hits if hits else math.nan,
                 mean_index=float(np.mean(indices)) if indices else math.nan, naive=0.5**n,
                 theory=theory.get(n) if family == "grf" else None,
+                closed_form=double_well_fraction(n) if family == "double_well" else None,
             ))
     return rows
 
@@ -659,7 +707,7 @@ class PrevalenceStudy:
     Attributes:
         out: the study folder (``study.json``, ``runs/``, ``theory.json``, ``summary.json``).
         seed, config: what was asked. records: the grid's finished runs, by run id.
-        rows: :func:`summarize_prevalence`; fits: :class:`IndexLossFit` per family.
+        rows: :func:`summarize_prevalence`; fits: :class:`IndexLossFit` per family and dimension.
         theory: the GRF curve by dimension (empty without the GRF family).
         computed, skipped: run ids computed now and found finished; seconds, workers.
     """
@@ -773,8 +821,8 @@ def prevalence_study(
     )
     records = store.load(set(tasks))
     theory = _theory(Path(out), config, seed)
-    rows = summarize_prevalence(records, config, theory)
-    fits = [index_loss_fit(records, family) for family in config.families]
+    rows = summarize_prevalence(records, config, theory, seed)
+    fits = [index_loss_fit(records, row.family, row.n, seed) for row in rows]
     study = PrevalenceStudy(out=Path(out), seed=seed, config=config, records=records, rows=rows, fits=fits,
                             theory=theory, computed=todo, skipped=done,
                             seconds=time.perf_counter() - start, workers=workers)
