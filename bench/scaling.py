@@ -46,6 +46,7 @@ from curvature import (
     run_pyhessian,
     sweep,
 )
+from curvature import trained as trained_with_adam
 
 import saddlescope as ss
 from saddlescope.problems import load_digits_tensors
@@ -139,13 +140,7 @@ def trained(family: str, target: int, steps: int) -> tuple[nn.Module, torch.Tens
     """Adam, full batch, fixed seed: the same weights for every library."""
     torch.manual_seed(0)
     model, (x, y) = FAMILIES[family](target), data(family)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        CE(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), x, y
+    return trained_with_adam(lambda: (model, x, y, steps))
 
 
 # ------------------------------------------------------------------------------------------- runs
