@@ -151,10 +151,10 @@ def quadrature_probe(
 
 
 def _probe_vector(n: int, index: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """Rademacher probe ``index`` of the sequence from ``seed`` (rows fill first, so the first probes
-    are the same however many are drawn)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return (torch.randint(0, 2, (index + 1, n), generator=gen)[index] * 2 - 1).to(dtype)
+    """Rademacher probe ``index`` of the sequence from ``seed``: its own generator, so the first probes
+    are the same however many are drawn, and drawing one costs ``n`` bytes whatever its index."""
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
+    return (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(dtype)
 
 
 def stack_probes(rows: list[ProbeQuadrature], seed: int, deflated: int = 0) -> Quadrature:
