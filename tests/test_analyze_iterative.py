@@ -49,11 +49,31 @@ def test_one_tiny_negative_eigenvalue_is_a_saddle_never_a_minimum(dtype):
     rq = float(u @ a.double() @ u)
     assert rq == pytest.approx(cp.escape_curvature, rel=1e-3 if dtype == torch.float32 else 1e-9)
     assert rq < -cp.tolerances.zero_threshold
-    assert cp.lambda_min >= -1e-3 * (1 + 1e-6)  # a Rayleigh quotient never undershoots lambda_min
+    # A Rayleigh quotient never undershoots lambda_min, but for the rounding of the product that measures it.
+    assert cp.lambda_min >= -1e-3 * (1 + 1e-6) - cp.precision()["eigenvalue_rounding"]
     # Converging from the certificate gives the eigenvalue itself.
     full = ss.analyze(obj, exact=False, stop_at_certificate=False)
     assert full.kind == "saddle" and full.resolved_by == "eigenvalues"
     assert full.lambda_min == pytest.approx(-1e-3, rel=1e-6 if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("lowest,kind", [(-1e-3, "saddle"), (2e-3, "minimum")])
+def test_one_lanczos_run_serves_both_ends(lowest, kind):
+    # The top run's Krylov space resolves the bottom end too: its smallest Ritz vector, re-measured by one
+    # product, is the certificate (saddle) or, under the random-start bound at that end, the converged
+    # bottom pair (minimum). A bottom run of its own used to cost as much again as the top run.
+    values = torch.cat([torch.tensor([lowest], dtype=torch.float64), BULK])
+    obj, a = quadratic(values)
+    cp = ss.analyze(obj, exact=False, index_probes=0)
+    assert cp.kind == kind and cp.lanczos["bottom"]["hvp_count"] == 1
+    assert cp.hvp_count == cp.lanczos["top"]["hvp_count"] + 1
+    assert cp.lambda_min == pytest.approx(lowest, rel=1e-6)
+    if kind == "saddle":
+        u = cp.escape_direction
+        assert float(u @ a @ u) == pytest.approx(cp.escape_curvature, rel=1e-9)
+    else:
+        assert cp.quantities["lambda_min"].status == "interval"
+        assert cp.quantities["lambda_min"].low - 1e-12 <= lowest <= cp.quantities["lambda_min"].high + 1e-12
 
 
 def test_certificate_stops_early_and_is_cheaper_than_convergence():

@@ -21,11 +21,15 @@ def test_analyze_a_builtin_problem_as_json():
 
 
 def test_analyze_with_lanczos():
-    res = run("analyze", "--problem", "saddle-quadratic", "--method", "lanczos", "-k", "1", "--json")
+    res = run("analyze", "--problem", "saddle-quadratic", "--method", "lanczos", "-k", "1", "--index-probes", "0",
+              "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["method"] == "lanczos" and out["kind"] == "saddle" and out["hvp_count"] > 0
     assert out["lanczos"]["top"]["eigenvalues"] == pytest.approx([10])  # 5x^2 - y^2: H = diag(10, -2)
+    # --index-probes 0: the verdict alone, every product spent on the two ends.
+    assert out["index_estimate"] is None
+    assert out["hvp_count"] == out["lanczos"]["top"]["hvp_count"] + out["lanczos"]["bottom"]["hvp_count"]
 
 
 def test_analyze_by_module_gives_every_layer_and_a_chart(tmp_path):

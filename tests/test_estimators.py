@@ -145,3 +145,34 @@ def test_an_estimate_that_resolves_nothing_stops_after_one_probe_and_says_so():
     values = torch.cat([torch.tensor([100.0]), 1e-3 * torch.linspace(-1, 1, 399)]).double()
     est = ss.index_estimate(planted(values), n_probes=5, steps=20, seed=0, adaptive=True)
     assert not est.resolved and est.stopped == "unresolved" and est.n_probes == 1 and est.within > 0.95
+
+
+def test_a_probe_whose_basis_does_not_fit_runs_the_three_term_recurrence():
+    # A budget below a full basis ((steps + 1) * n numbers) but above three vectors: the plain recurrence,
+    # whose lost orthogonality the quadrature survives (Greenbaum 1989): the truth stays inside the bars
+    # and the figures stay close to the reorthogonalised ones.
+    values = outlier_spectrum()
+    op = planted(values)
+    n, steps = values.numel(), 40
+    small = 12 * n * 8  # room for 12 vectors: not the 45 a full basis needs
+    full = ss.index_estimate(op, n_probes=6, steps=steps, seed=1)
+    lean = ss.index_estimate(op, n_probes=6, steps=steps, seed=1, memory_budget=small)
+    assert full.reorthogonalised and not lean.reorthogonalised and lean.hvp_count == full.hvp_count
+    for est in (full, lean):
+        below = float((values < -est.delta).double().mean())
+        assert abs(est.value - below) <= est.error, (est.value, below, est.error)
+    assert lean.value == pytest.approx(full.value, abs=0.02)
+    # Each probe's rule is still Gauss for its probe z: sum_i w_i theta_i^p = z^T A^p z / n for p < 2 * steps.
+    from saddlescope.curvature.density import _probe_vector
+
+    quad = lanczos_quadrature(op, n_probes=3, steps=steps, seed=1, memory_budget=small)
+    assert not quad.reorthogonalised
+    dense = op.matmat(torch.eye(n, dtype=torch.float64))
+    for probe in range(3):
+        z = _probe_vector(n, probe, 1, torch.float64)
+        for power in (1, 2, 3, 5):
+            exact = float(z @ torch.linalg.matrix_power(dense, power) @ z) / n
+            rule = float((quad.weights[probe] * quad.nodes[probe] ** power).sum())
+            assert rule == pytest.approx(exact, rel=1e-8), (probe, power)
+    with pytest.raises(errors.MemoryBudgetError, match="index_probes=0"):
+        ss.index_estimate(op, n_probes=2, steps=steps, memory_budget=3 * n * 8)

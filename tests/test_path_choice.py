@@ -11,13 +11,21 @@ def test_a_model_whose_products_cost_more_than_its_size_is_worth_goes_iterative(
     # "affordable" allowance the cheaper path is iterative, whatever the machine's speed (eigh alone
     # is predicted at seconds, the iterative verdict at 400 products).
     obj = ss.problems.digits_mlp().objective
+    built = []
+    graph_at = obj.gradient_graph
+    obj.gradient_graph = lambda *args, **kwargs: built.append(1) or graph_at(*args, **kwargs)
     cp = ss.analyze(obj, exact_affordable_s=0.0, index_probes=0)
+    assert len(built) == 1  # the plan's graph, timed and then analysed on: the gradient is built once
     plan = cp.path_plan
     assert cp.method == "lanczos" and plan is not None and not plan.exact and plan.measured
     assert plan.predicted_exact_s > plan.predicted_iterative_s
     assert plan.product_s > 0  # the batched form is timed only when it could make the exact path win
     assert any(note.startswith("path iterative") for note in cp.notes)
     assert cp.to_dict()["path_plan"]["exact"] is False
+    # The analysis ran on the graph the plan timed (handed over, then dropped): the plan's products are
+    # not the verdict's, and the point holds no reference to the graph.
+    assert cp.hvp_count == cp.lanczos["top"]["hvp_count"] + cp.lanczos["bottom"]["hvp_count"]
+    assert plan.graph is None and "graph" not in cp.to_dict()["path_plan"]
 
 
 def test_small_problems_take_the_exact_path_without_timing():

@@ -77,6 +77,8 @@ def analyze(
     atol: float = typer.Option(None, help="See rtol."),
     method: str = typer.Option("auto", help="auto | exact | lanczos (auto: exact up to 4,096 parameters)."),
     k: int = typer.Option(10, "-k", help="Lanczos: eigenpairs at each end of the spectrum."),
+    index_probes: int = typer.Option(5, help="Lanczos: at most this many probes for the index estimate; "
+                                             "0 skips it (the verdict alone)."),
     by: str = typer.Option(None, "--by", help="Also curvature per block: module | parameter."),
     plot: Path = typer.Option(None, help="With --by: write the per-block bar chart to this PNG."),
     seed: int = typer.Option(0, help="Seed for every random choice (recorded)."),
@@ -115,10 +117,12 @@ def analyze(
             if model is not None:
                 result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
                                         data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
-                                        method=method, k=k, by=by, grad_tol=grad_tol, rtol=rtol, atol=atol,
+                                        method=method, k=k, index_probes=index_probes, by=by,
+                                        grad_tol=grad_tol, rtol=rtol, atol=atol,
                                         seed=seed, shard=shard, out=out, command=command, progress=progress)
             else:
-                result = _analyze_problem(problem, theta, dtype=dtype, method=method, k=k, by=by,
+                result = _analyze_problem(problem, theta, dtype=dtype, method=method, k=k,
+                                          index_probes=index_probes, by=by,
                                           grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed, out=out,
                                           command=command, progress=progress)
         if result.blocks is not None and plot is not None:
@@ -164,7 +168,8 @@ def _analyze_model(model: str, data: str, *, model_kwargs: str | None, data_kwar
                          data_kwargs=_json_option(data_kwargs, "--data-kwargs"), **options)
 
 
-def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, method: str, k: int, by: str | None,
+def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, method: str, k: int,
+                     index_probes: int, by: str | None,
                      grad_tol: float | None, rtol: float | None, atol: float | None, seed: int, out: Path | None,
                      command: str, progress: Callable[[str, int, int], None]) -> Any:
     from saddlescope.critical import analyze as analyze_point
@@ -189,10 +194,11 @@ def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, meth
             raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
         point = torch.tensor(values, dtype=obj.dtype)
     cp = analyze_point(obj, point, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed,
-                       progress=lambda done, total: progress("hessian products", done, total))
+                       index_probes=index_probes, progress=lambda done, total: progress("hessian products", done, total))
     blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol, seed=seed)
     result = ModelAnalysis(point=cp, objective=obj, blocks=blocks,
-                           settings={"problem": problem, "method": method, "k": k, "by": by, "seed": seed,
+                           settings={"problem": problem, "method": method, "k": k, "index_probes": index_probes,
+                                     "by": by, "seed": seed,
                                      "command": command})
     if out is not None:
         result.files = write_model_report(result, out, command=command,

@@ -39,11 +39,11 @@ from torch import Tensor
 
 from saddlescope.curvature.exact import eigh_dtype, exact_spectrum
 from saddlescope.curvature.index import IndexEstimate, index_estimate
-from saddlescope.curvature.lanczos import eigs
+from saddlescope.curvature.lanczos import EigenResult, eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.display import critical_point_html
 from saddlescope.errors import InvalidInputError
-from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, GradientGraph, Objective
 from saddlescope.path_plan import EXACT_AFFORDABLE_S, EXACT_MAX_PARAMS, ITERATIVE_BASE_PRODUCTS, PathPlan, plan_path
 from saddlescope.probe import (
     ProbeResult, band_curvature, band_note, band_reason, probe_null_space, probe_verdict,
@@ -370,7 +370,7 @@ def analyze(
             quotient below the zero threshold (the saddle is proved; ``eigenvalues[0]`` is then that
             quotient, an upper bound on lambda_min). False goes on to converge lambda_min from there.
         progress: ``progress(done, total)`` while the Hessian is built or the solver runs.
-        memory_budget: iterative path: bytes each eigensolver run's own tensors may hold (default: half
+        memory_budget: iterative path: bytes each eigensolver run and each index probe may hold (default: half
             of what is free where the model lives, less a rebuilt gradient graph); it sizes the Krylov
             basis and its precision (``cp.lanczos["top"]["plan"]``), and when not even the smallest
             useful basis fits, :class:`~saddlescope.errors.MemoryBudgetError` is raised before any product.
@@ -393,6 +393,8 @@ def analyze(
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
     if exact not in (None, True, False):
         raise InvalidInputError(f"exact must be True, False or None, got {exact!r}")
+    if not (isinstance(index_probes, int) and index_probes >= 0):
+        raise InvalidInputError(f"index_probes must be an integer >= 0 (0 skips the index estimate), got {index_probes!r}")
     n = objective.n_params
     plan = None
     if exact is None:
@@ -411,8 +413,10 @@ def analyze(
             objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
             eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
             stop_at_certificate=stop_at_certificate, progress=progress, index_hvps=index_hvps,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, graph=None if plan is None else plan.graph,
         )
+    if plan is not None:
+        plan.graph = None  # the analysis is done with it: free its memory
     point.notes = list(objective.notes)
     plan_of_graphs = getattr(objective, "graph_plan", None)
     point.graph_plan = None if plan_of_graphs is None else plan_of_graphs.to_dict()
@@ -564,8 +568,9 @@ def _analyze_iterative(
     progress: Callable[[int, int], None] | None,
     index_hvps: int | None = None,
     memory_budget: int | None = None,
+    graph: GradientGraph | None = None,
 ) -> CriticalPoint:
-    r"""The iterative path.
+    r"""The iterative path (on ``graph``, the gradient graph :func:`plan_path` timed, when given).
 
     With Ritz pairs :math:`(\theta_b, r_b)` at the bottom and :math:`(\theta_t, r_t)` at the top
     (true residuals, one confirming product each): a Rayleigh quotient bounds the extreme
@@ -584,7 +589,8 @@ def _analyze_iterative(
         raise InvalidInputError(f"need index_probes >= 0 and index_steps >= 1, got {index_probes}, {index_steps}")
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    op = HessianOperator(objective, theta)
+    op = HessianOperator(objective, theta, graph=graph)
+    timed = op.hvp_count  # products plan_path timed on the graph: the plan's, not the verdict's
     loss, grad = op.loss, op.grad
     grad_norm = float(grad.norm())
     n = op.shape[0]
@@ -601,7 +607,9 @@ def _analyze_iterative(
         tol=eig_tol, relative_to="value", atol=0.25 * threshold, max_hvps=max_hvps, progress=progress,
         memory_budget=memory_budget,
     )
-    bottom = eigs(op, k_end, "smallest", seed=seed + 1, stop_below=-threshold, **bottom_opts)
+    bottom = _bottom_from_top(op, top, threshold, **bottom_opts)
+    if bottom is None:
+        bottom = eigs(op, k_end, "smallest", seed=seed + 1, stop_below=-threshold, **bottom_opts)
     if bottom.stopped_early and not stop_at_certificate:
         spent = bottom.hvp_count
         bottom = eigs(op, k_end, "smallest", v0=bottom.eigenvectors[:, 0], **bottom_opts)
@@ -630,7 +638,8 @@ def _analyze_iterative(
     elif index_probes > 0:
         t0 = time.perf_counter()
         estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2,
-                                  deflate=_converged_pairs(top, bottom), max_hvps=index_hvps, adaptive=True)
+                                  deflate=_converged_pairs(top, bottom), max_hvps=index_hvps, adaptive=True,
+                                  memory_budget=memory_budget)
         seconds["index"] = time.perf_counter() - t0
         index, min_ratio = estimate.value, estimate.min_ratio
     # Counts only where the verdict proves them; an estimate stays a fraction with its interval.
@@ -681,7 +690,7 @@ def _analyze_iterative(
         mode=objective.mode,
         dtype=str(objective.dtype),
         seed=seed,
-        hvp_count=op.hvp_count,
+        hvp_count=op.hvp_count - timed,
         seconds=seconds,
         lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
         index_estimate=estimate,
@@ -699,6 +708,52 @@ STOP_REASONS = {
     "max_hvps": "product budget spent",
     "unresolved": "nearly all of the spectrum is unresolved at this delta",
 }
+
+
+def _bottom_from_top(
+    op: HessianOperator, top: EigenResult, threshold: float, *, tol: float, relative_to: str, atol: float,
+    **_: Any,
+) -> EigenResult | None:
+    r"""The bottom end from the top run's Krylov space, for one product, when that space settles it.
+
+    Lanczos's Ritz values converge at both ends of the spectrum at once, so the top run's smallest Ritz
+    vector :math:`u` (``top.opposite``) is re-measured: :math:`\theta = u^\top H u`,
+    :math:`r = \|Hu - \theta u\|`.
+
+    * :math:`\theta < -\text{threshold}`: a certificate (:math:`\lambda_{min} \le \theta`, a Rayleigh
+      quotient, no convergence needed): a stopped-early bottom run of one pair.
+    * :math:`r` within the bottom end's tolerance and the top run's random-start bound
+      (``top.guard["lambda_min_at_least"]``, the misconvergence guard of :func:`eigs` read at the far
+      end) placing no eigenvalue below :math:`\theta` minus that tolerance: the converged bottom pair,
+      as a bottom run would have accepted it.
+    * otherwise None: the bottom end gets a run of its own.
+    """
+    if top.opposite is None:
+        return None
+    u = top.opposite.to(torch.float64)
+    u = (u / u.norm()).unsqueeze(1)
+    hu = op.matmat(u)
+    value = float((u * hu).sum())
+    residual = float((hu - value * u).norm())
+    norm = max(top.spectral_norm, abs(value))
+    bound = max(tol * (abs(value) if relative_to == "value" else norm), atol)
+    floor = (top.guard or {}).get("lambda_min_at_least")
+    if value < -threshold:
+        rule = "a certificate: the top run's smallest Ritz vector, re-measured"
+    elif residual <= bound and floor is not None and floor >= value - bound:
+        rule = "the top run's smallest Ritz pair, re-measured; its random-start bound at the far end"
+    else:
+        return None
+    guard = {"stopped": "certificate" if value < -threshold else "converged", "rule": rule, "steps": 0,
+             "miss_probability": top.guard.get("miss_probability") if top.guard else None,
+             "lambda_min_at_least": floor}
+    return EigenResult(
+        eigenvalues=torch.tensor([value], dtype=torch.float64, device=u.device), eigenvectors=u,
+        residuals=torch.tensor([residual], dtype=torch.float64, device=u.device),
+        converged=torch.tensor([residual <= bound]), spectral_norm=norm, hvp_count=1, restarts=0,
+        which="smallest", tol=tol, stopped_early=value < -threshold, relative_to=relative_to, atol=atol,
+        dtype=top.dtype, operator_dtype=top.operator_dtype, plan=top.plan, guard=guard,  # the top run's basis
+    )
 
 
 def _converged_pairs(*runs: Any) -> tuple[Tensor, Tensor] | None:
@@ -742,14 +797,16 @@ def _iterative_quantities(
     r"""The iterative path's numbers, each as what it is.
 
     A Ritz value is a Rayleigh quotient, so :math:`\lambda_{min} \le \theta_b` and
-    :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair adds the residual bound on the
-    other side (an interval). The fractions are the quadrature's estimates with their error bars,
+    :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair of a run that stopped on
+    convergence adds the residual bound on the other side (an interval). The fractions are the quadrature's estimates with their error bars,
     unless the verdict proves them (a minimum has no eigenvalue at or below the zero threshold).
     """
     tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
     tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
     out: dict[str, Quantity] = {}
-    if conv_b:
+    # A stopped-early run never judged whether its pair is the extreme one (the misconvergence guard runs
+    # only towards convergence), so a certificate stays a bound even when its residual happens to be small.
+    if conv_b and not bottom.stopped_early:
         out["lambda_min"] = Quantity.interval(tb, tb - rb, tb, f"converged bottom Ritz pair (residual {rb:.2g})")
     else:
         why = ("the first confirmed negative Rayleigh quotient (a certificate); lambda_min may lie far below"
@@ -766,6 +823,7 @@ def _iterative_quantities(
     elif estimate is not None:
         how = (f"stochastic Lanczos quadrature, {estimate.n_probes} probes x {estimate.steps} steps"
                + (f", {estimate.deflated} known eigenpairs deflated" if estimate.deflated else "")
+               + ("" if estimate.reorthogonalised else ", three-term recurrence (the basis did not fit the memory budget)")
                + f", stopped: {STOP_REASONS.get(estimate.stopped, estimate.stopped)}; error = 2 stderr + quadrature bracket")
         if not estimate.resolved:
             how = f"NOT RESOLVED: most of the spectrum lies within +-delta = {estimate.delta:.3g}; " + how

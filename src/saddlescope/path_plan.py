@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
+from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, GradientGraph, Objective
 from saddlescope.objective import _default_chunk as _exact_chunk  # the exact build's chunk, timed here
 
 __all__ = ["EXACT_AFFORDABLE_S", "EXACT_MAX_PARAMS", "ITERATIVE_BASE_PRODUCTS", "PathPlan", "plan_path"]
@@ -27,12 +27,14 @@ __all__ = ["EXACT_AFFORDABLE_S", "EXACT_MAX_PARAMS", "ITERATIVE_BASE_PRODUCTS", 
 # EXACT_AFFORDABLE_S seconds.
 EXACT_MAX_PARAMS = 4096
 EXACT_AFFORDABLE_S = 2.0
-# The best a batched backward did per column against a single product (bench/everyday.py: x8 at most
-# 13% faster, x32 slower on an MLP, a CNN and a transformer): when even this cannot make the exact path
-# win, the batched form is not timed at all.
-BEST_BATCHED_SPEEDUP = 4.0
-# Products faster than this are timed three times (the least taken); slower ones once.
-FAST_PRODUCT_S = 0.05
+# The best a batched backward did per column against a single product (bench/everyday.py: x8 on the
+# digits MLP 2.0 ms against 2.8 ms, 1.4x; x4-x32 slower on a CNN and a transformer): when even this cannot
+# make the exact path win, the batched form is not timed at all (timing 32 columns of the 1,480-parameter
+# CNN cost 6 s of a 34 s verdict).
+BEST_BATCHED_SPEEDUP = 1.5
+# Products are timed up to three times, the least taken (the first after a warm-up ran 1.5-2.5x the steady
+# cost on the CNN), while the timing has cost less than this.
+TIMING_BUDGET_S = 0.5
 # Products of the iterative verdict besides the index estimate: both ends of the spectrum and their
 # confirmation (measured 60-110 on MLPs; a round figure on the high side).
 ITERATIVE_BASE_PRODUCTS = 100
@@ -61,6 +63,8 @@ class PathPlan:
             (:meth:`GraphPlan.to_dict <saddlescope.objective.GraphPlan.to_dict>`): the analysis builds its
             graphs under the same policy, so the timing is the one it will see.
         reason: one sentence.
+        graph: the gradient graph the products were timed on, handed to the iterative analysis so it is
+            not built twice (not in :meth:`to_dict`; ``analyze`` drops it when done).
     """
 
     exact: bool
@@ -74,9 +78,10 @@ class PathPlan:
     predicted_iterative_s: float | None = None
     chunk_size: int | None = None
     graph_plan: dict[str, Any] | None = None
+    graph: GradientGraph | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {key: value for key, value in self.__dict__.items() if key != "graph"}
 
 
 def plan_path(
@@ -105,9 +110,10 @@ def plan_path(
     chunk = min(n, _exact_chunk(n))
     vectors = torch.randn(chunk, n, generator=gen, dtype=torch.float64).to(objective.device, objective.dtype)
     graph.hvp(vectors[0])  # warm-up: lazy imports and first-call costs belong to no path
-    product_s = _timed(lambda: graph.hvp(vectors[0]), objective.device)
-    if product_s < FAST_PRODUCT_S:  # cheap to repeat: the least of three is the least disturbed
-        product_s = min(product_s, *(_timed(lambda: graph.hvp(vectors[0]), objective.device) for _ in range(2)))
+    times = [_timed(lambda: graph.hvp(vectors[0]), objective.device)]
+    while len(times) < 3 and sum(times) < TIMING_BUDGET_S:  # the least disturbed of up to three
+        times.append(_timed(lambda: graph.hvp(vectors[0]), objective.device))
+    product_s = min(times)
     iterative_s = iterative_products * product_s
     eigh_s = EIGH_SECONDS_PER_N3 * n**3
     if n * product_s / BEST_BATCHED_SPEEDUP + eigh_s > max(iterative_s, affordable_s):
@@ -132,7 +138,7 @@ def plan_path(
     if exact and exact_s > iterative_s:
         reason += f"; exact since it costs at most {affordable_s:g} s and gives the whole spectrum"
     return PathPlan(exact, True, reason, n, iterative_products, product_s, column_s, exact_s, iterative_s, chunk_size,
-                    graph.plan.to_dict())
+                    graph.plan.to_dict(), graph=None if exact else graph)
 
 
 def _timed(work: Callable[[], Any], device: torch.device) -> float:

@@ -114,6 +114,7 @@ def analyze_model(
     max_batches: int | None = None,
     method: str = "auto",
     k: int = 10,
+    index_probes: int = 5,
     by: str | None = None,
     grad_tol: float | None = None,
     rtol: float | None = None,
@@ -139,6 +140,8 @@ def analyze_model(
         max_batches: analyse only the first batches (a fixed subset, recorded).
         method: ``"auto"`` | ``"exact"`` | ``"lanczos"``.
         k: eigenpairs at each end on the iterative path.
+        index_probes: iterative path: at most this many probes for the index estimate; 0 skips it (the
+            verdict alone, which needs none: see :func:`saddlescope.analyze`).
         by: also per-block curvature: ``"module"`` or ``"parameter"``.
         grad_tol, rtol, atol: tolerances (default by dtype).
         seed: for every random choice; recorded.
@@ -178,11 +181,12 @@ def analyze_model(
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     try:
         point = analyze_point(objective, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol,
-                              seed=seed, progress=stage("hessian products"))
+                              seed=seed, index_probes=index_probes, progress=stage("hessian products"))
     except TooLargeError as exc:
         raise TooLargeError(f"{exc} (on the command line: --method lanczos)") from exc
     blocks = per_block(objective, by=by, rtol=rtol, seed=seed) if by is not None else None
-    settings = {"method": method, "k": k, "by": by, "seed": seed, "dtype": str(objective.dtype),
+    settings = {"method": method, "k": k, "index_probes": index_probes, "by": by, "seed": seed,
+                "dtype": str(objective.dtype),
                 "max_batches": max_batches, "loss": objective.description.get("loss")}
     if command is not None:
         settings["command"] = command

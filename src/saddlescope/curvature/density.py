@@ -8,8 +8,19 @@ first components of its eigenvectors (Gauss quadrature: exact for polynomials of
 :math:`< 2m`). Averaging over Rademacher probes estimates :math:`\tfrac1n \operatorname{tr} f(A)`;
 with :math:`f` a Gaussian bump this is the smoothed eigenvalue density.
 
-Each probe runs the package's one Lanczos step with full reorthogonalisation (memory: ``n * steps``
-numbers; probes run one after another, and each probe's basis is freed before the next is made).
+Memory. Probes run one after another, and each probe's basis is freed before the next is made, so SLQ
+never holds two bases. A probe runs the package's one Lanczos step with full reorthogonalisation when
+its basis (``(steps + 1) * n`` numbers) fits the memory budget (default: half of what is free where the
+operator lives, :func:`~saddlescope.curvature.lanczos.default_budget`); otherwise the plain three-term
+recurrence, which holds three vectors whatever ``steps`` (a 124M-parameter model at 60 steps: 1.5 GiB
+instead of 57 GiB). The quadrature survives the lost orthogonality: the finite-precision recurrence is
+exact Lanczos on a larger matrix whose eigenvalues lie in tiny intervals around those of :math:`A`
+(Greenbaum 1989, "Behavior of slightly perturbed Lanczos and conjugate-gradient recurrences", Linear
+Algebra Appl. 113), so the nodes and weights are a Gauss rule for a measure that differs from the true
+one only by those intervals; converged outliers come back as repeated ("ghost") nodes that share their
+weight (Knizhnerman 1996 bounds the quadrature error of the simple recurrence). Each probe records
+which it ran (``ProbeQuadrature.reorthogonalised``); :class:`~saddlescope.errors.MemoryBudgetError`
+when not even the three vectors fit, before any product.
 
 Deflation. When eigenpairs :math:`(\lambda_i, u_i)` are already known (the extreme pairs a verdict
 computed), the quadrature runs on :math:`PAP` restricted to the complement, :math:`P = I - UU^\top`:
@@ -30,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saddlescope.curvature.lanczos import lanczos_step
-from saddlescope.errors import InvalidInputError
+from saddlescope.curvature.lanczos import default_budget, lanczos_step
+from saddlescope.errors import InvalidInputError, MemoryBudgetError
+from saddlescope.memory import describe_bytes
 
 
 @dataclass
@@ -44,6 +56,7 @@ class Quadrature:
     seed: int
     scale: Tensor | None = None  # per probe: the share of (1/n) tr it stands for (deflation: |Pz|^2/n)
     deflated: int = 0  # eigenpairs projected out
+    reorthogonalised: bool = True  # every probe ran with full reorthogonalisation (else the three-term recurrence)
 
     @property
     def n_probes(self) -> int:
@@ -58,7 +71,8 @@ class Quadrature:
     def to_dict(self) -> dict[str, Any]:
         return {"nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
                 "hvp_count": self.hvp_count, "seed": self.seed, "deflated": self.deflated,
-                "scale": None if self.scale is None else self.scale.tolist()}
+                "scale": None if self.scale is None else self.scale.tolist(),
+                "reorthogonalised": self.reorthogonalised}
 
 
 def rademacher(n: int, count: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -76,18 +90,21 @@ def lanczos_quadrature(
     dtype: torch.dtype = torch.float64,
     progress: Callable[[int, int], None] | None = None,
     deflate: Tensor | None = None,
+    memory_budget: int | None = None,
 ) -> Quadrature:
     """Run ``steps`` Lanczos steps from each of ``n_probes`` Rademacher probes; return nodes and weights.
 
     Args:
         deflate: orthonormal columns ``U`` (shape ``(n, k)``) of known eigenvectors to project out
             (see the module docstring); the quadrature then covers the other ``n - k`` eigenvalues.
+        memory_budget: bytes each probe's vectors may hold (module docstring, "Memory").
     """
     if not (isinstance(n_probes, int) and n_probes >= 1):
         raise InvalidInputError(f"n_probes must be a positive integer, got {n_probes}")
     if not (isinstance(steps, int) and steps >= 1):
         raise InvalidInputError(f"steps must be a positive integer, got {steps}")
-    rows = [quadrature_probe(op, p, steps, seed=seed, dtype=dtype, deflate=deflate) for p in _counted(n_probes, progress)]
+    rows = [quadrature_probe(op, p, steps, seed=seed, dtype=dtype, deflate=deflate, memory_budget=memory_budget)
+            for p in _counted(n_probes, progress)]
     return stack_probes(rows, seed, 0 if deflate is None else int(deflate.shape[1]))
 
 
@@ -101,22 +118,32 @@ def _counted(n: int, progress: Callable[[int, int], None] | None):
 @dataclass
 class ProbeQuadrature:
     """One probe's Gauss quadrature: ``nodes``, ``weights`` (summing to 1), the share of the trace it
-    stands for (``scale``) and the products it cost."""
+    stands for (``scale``), the products it cost, and whether its basis was reorthogonalised (False: the
+    three-term recurrence, when the basis did not fit the memory budget)."""
 
     nodes: Tensor
     weights: Tensor
     scale: float
     hvp_count: int
+    reorthogonalised: bool = True
+
+
+# Vectors a probe holds besides its basis: the probe, a product and the recurrence's temporaries.
+PROBE_WORK_VECTORS = 4
 
 
 def quadrature_probe(
     op: Any, index: int, steps: int, *, seed: int = 0, dtype: torch.dtype = torch.float64,
-    deflate: Tensor | None = None,
+    deflate: Tensor | None = None, memory_budget: int | None = None,
 ) -> ProbeQuadrature:
     """The quadrature of probe number ``index`` of the Rademacher sequence drawn from ``seed``: the
-    same probe whatever the number of probes, so an adaptive run and a fixed one agree."""
+    same probe whatever the number of probes, so an adaptive run and a fixed one agree.
+
+    ``memory_budget``: bytes the probe's own vectors may hold (default: :func:`default_budget`); a full
+    basis that does not fit runs the three-term recurrence instead (module docstring)."""
     n = int(op.shape[0])
     steps = min(steps, n if deflate is None else n - int(deflate.shape[1]))
+    reorthogonalise = _basis_fits(op, n, steps, dtype, memory_budget)
     z = _probe_vector(n, index, seed, dtype).to(op.device)
     products = 0
     project: Callable[[Tensor], Tensor]
@@ -135,9 +162,38 @@ def quadrature_probe(
     norm2 = float(start @ start)
     if steps < 1 or norm2 <= 0:
         return ProbeQuadrature(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype), 0.0, 0)
-    basis = torch.zeros(steps + 1, n, dtype=dtype, device=op.device)
-    proj = torch.zeros(steps, steps, dtype=dtype, device=op.device)
-    basis[0] = start / math.sqrt(norm2)
+    start = start / math.sqrt(norm2)
+    t = _reorthogonalised(apply, start, steps) if reorthogonalise else _three_term(apply, start, steps)
+    theta, s = torch.linalg.eigh(0.5 * (t + t.T))
+    return ProbeQuadrature(theta.cpu(), (s[0, :] ** 2).cpu(), norm2 / n, products, reorthogonalise)
+
+
+def _basis_fits(op: Any, n: int, steps: int, dtype: torch.dtype, memory_budget: int | None) -> bool:
+    """Does a full basis fit the budget? If not even the three-term recurrence fits, raise."""
+    if memory_budget is None:
+        budget, source = default_budget(op, torch.device(op.device))
+    else:
+        budget, source = int(memory_budget), "memory_budget"
+    if budget is None:
+        return True  # nothing known about free memory: the full basis, as always
+    itemsize = torch.finfo(dtype).bits // 8
+    if (steps + 1 + PROBE_WORK_VECTORS) * n * itemsize <= budget:
+        return True
+    least = (3 + PROBE_WORK_VECTORS) * n * itemsize
+    if least > budget:
+        raise MemoryBudgetError(
+            f"stochastic Lanczos quadrature needs at least {describe_bytes(least)} ({3 + PROBE_WORK_VECTORS} "
+            f"vectors of {n:,} {dtype} numbers) but the budget is {describe_bytes(budget)} ({source}); "
+            "free memory, or pass index_probes=0 to skip the index estimate"
+        )
+    return False
+
+
+def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
+    """``T`` of ``steps`` Lanczos steps from the unit vector ``start``, full reorthogonalisation."""
+    basis = torch.zeros(steps + 1, start.numel(), dtype=start.dtype, device=start.device)
+    proj = torch.zeros(steps, steps, dtype=start.dtype, device=start.device)
+    basis[0] = start
     m, scale = steps, 0.0
     for j in range(steps):
         beta = lanczos_step(apply, basis, proj, j)
@@ -145,9 +201,29 @@ def quadrature_probe(
         if beta <= 1e-12 * max(scale, 1e-300):
             m = j + 1  # invariant subspace: the quadrature is exact with m nodes
             break
-    t = proj[:m, :m]
-    theta, s = torch.linalg.eigh(0.5 * (t + t.T))
-    return ProbeQuadrature(theta.cpu(), (s[0, :] ** 2).cpu(), norm2 / n, products)
+    return proj[:m, :m]
+
+
+def _three_term(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
+    """``T`` of ``steps`` steps of the plain recurrence
+    :math:`\beta_{j+1} v_{j+1} = A v_j - \alpha_j v_j - \beta_j v_{j-1}` (three vectors held)."""
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous, v, beta, scale = torch.zeros_like(start), start, 0.0, 0.0
+    for _ in range(steps):
+        w = apply(v.unsqueeze(1))[:, 0] - beta * previous
+        alpha = float(v @ w)
+        w -= alpha * v
+        alphas.append(alpha)
+        beta = float(w.norm())
+        scale = max(scale, abs(alpha), beta)
+        if len(alphas) == steps or beta <= 1e-12 * max(scale, 1e-300):
+            break
+        betas.append(beta)
+        previous, v = v, w / beta
+    diag = torch.tensor(alphas, dtype=torch.float64)
+    off = torch.tensor(betas, dtype=torch.float64)
+    return torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1)
 
 
 def _probe_vector(n: int, index: int, seed: int, dtype: torch.dtype) -> Tensor:
@@ -169,7 +245,7 @@ def stack_probes(rows: list[ProbeQuadrature], seed: int, deflated: int = 0) -> Q
         nodes[p, m:] = row.nodes[-1]
     scale = None if deflated == 0 else torch.tensor([r.scale for r in rows], dtype=torch.float64)
     return Quadrature(nodes=nodes, weights=weights, hvp_count=sum(r.hvp_count for r in rows), seed=seed,
-                      scale=scale, deflated=deflated)
+                      scale=scale, deflated=deflated, reorthogonalised=all(r.reorthogonalised for r in rows))
 
 
 @dataclass

@@ -48,6 +48,9 @@ class IndexEstimate:
         quadrature_bound, min_ratio_quadrature_bound: the Gauss-quadrature (CMS) bracket half-widths.
         error, min_ratio_error: ``2 * stderr + quadrature_bound``, the error bar to quote.
         delta: the resolution (default: the quadrature's, span / steps).
+        stopped, resolved: why the adaptive run stopped; False when nearly all the spectrum is within delta.
+        reorthogonalised: every probe kept a full basis (False: the three-term recurrence, when a basis
+            did not fit the memory budget).
     """
 
     value: float
@@ -66,6 +69,7 @@ class IndexEstimate:
     deflated: int = 0
     stopped: str = "probes"
     resolved: bool = True
+    reorthogonalised: bool = True
 
     @property
     def error(self) -> float:
@@ -111,6 +115,7 @@ def index_estimate(
     max_hvps: int | None = None,
     target_error: float | None = None,
     adaptive: bool = False,
+    memory_budget: int | None = None,
 ) -> IndexEstimate:
     """Estimate the fraction of negative eigenvalues (and the minimum ratio) of ``op``.
 
@@ -123,6 +128,9 @@ def index_estimate(
             and projected out of the quadrature.
         max_hvps, target_error, adaptive: add probes one at a time and stop early (module docstring);
             ``max_hvps`` and ``target_error`` imply ``adaptive``.
+        memory_budget: bytes each probe's vectors may hold; a full basis that does not fit runs the
+            three-term recurrence (:mod:`~saddlescope.curvature.density`, "Memory"; recorded in
+            ``reorthogonalised``).
     """
     if delta is not None and delta < 0:
         raise InvalidInputError(f"delta must be >= 0, got {delta}")
@@ -137,7 +145,7 @@ def index_estimate(
         if max_hvps is not None and rows and cost + rows[-1].hvp_count > max_hvps:
             stopped = "max_hvps"
             break
-        rows.append(quadrature_probe(op, len(rows), steps, seed=seed, deflate=vectors))
+        rows.append(quadrature_probe(op, len(rows), steps, seed=seed, deflate=vectors, memory_budget=memory_budget))
         if not adaptive:
             continue
         est = _estimate(stack_probes(rows, seed, 0 if vectors is None else int(vectors.shape[1])), delta,
@@ -182,4 +190,4 @@ def _estimate(quad: Quadrature, delta: float | None, n: int, deflated: Tensor | 
     qb_below = _cms_half_width(quad, -delta)
     qb_above = _cms_half_width(quad, math.nextafter(delta, math.inf))
     return IndexEstimate(b, be, a, ae, w, we, qb_below, qb_above, delta, p, m, quad.hvp_count, quad.seed,
-                         deflated=quad.deflated)
+                         deflated=quad.deflated, reorthogonalised=quad.reorthogonalised)

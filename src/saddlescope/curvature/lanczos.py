@@ -352,10 +352,16 @@ class EigenResult:
         plan: the memory plan (:class:`BasisPlan`): basis vectors, dtype, bytes, budget, why.
         guard: the misconvergence guard (module docstring): ``rule`` (``"random start"`` or
             ``"minimum Krylov dimension"``), ``miss_probability``, and where the random-start bound holds
-            at the end, ``lambda_max_at_most`` / ``lambda_min_at_least`` for the ends asked: each bound
-            holds with probability at least ``1 - miss_probability`` over the start.
+            at the end, ``lambda_max_at_most`` and ``lambda_min_at_least`` (both ends, whichever was
+            asked): each bound holds with probability at least ``1 - miss_probability`` over the start.
         reorthogonalisations: full passes over the basis made by partial reorthogonalisation (0 with
             full reorthogonalisation, where every step makes one).
+        opposite, opposite_ritz_value: for ``which="largest"`` or ``"smallest"``, the Ritz vector at the
+            *other* end of the final basis (unit, unconfirmed: no product was spent on it) and its Ritz
+            value. A Krylov space grown for one end resolves the other end too (Lanczos's Ritz values
+            converge at both ends first), so this vector's Rayleigh quotient is often already a
+            certificate of curvature of the opposite sign (``analyze`` confirms it with one product
+            before running a second solver).
     """
 
     eigenvalues: Tensor
@@ -375,6 +381,8 @@ class EigenResult:
     plan: BasisPlan | None = None
     guard: dict[str, Any] | None = None
     reorthogonalisations: int = 0
+    opposite: Tensor | None = None
+    opposite_ritz_value: float | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -398,6 +406,7 @@ class EigenResult:
             "plan": None if self.plan is None else self.plan.to_dict(),
             "guard": self.guard,
             "reorthogonalisations": self.reorthogonalisations,
+            "opposite_ritz_value": self.opposite_ritz_value,
         }
         if vectors:
             out["eigenvectors"] = self.eigenvectors.T.tolist()
@@ -848,7 +857,7 @@ class StoppingRule:
 
     def report(self, state: LanczosState, ritz: Ritz, stop: str) -> dict[str, Any]:
         """The guard as a record: what let the run stop and, while the random-start bound holds (a random
-        start, no restart), the bounds it gives on the extreme eigenvalues."""
+        start, no restart), the bounds it gives on the extreme eigenvalues at both ends."""
         rule = {"converged": "random-start bound" if state.j < self.min_dim else "minimum Krylov dimension"}.get(stop)
         if stop == "converged" and (state.j >= self.n or state.saw_invariant):
             rule = "exact"
@@ -859,10 +868,10 @@ class StoppingRule:
         log_norm = -math.inf if state.saw_invariant or state.j >= self.n else state.log_krylov_norm()
         level = _log_tail_level(self.n, self.miss_probability, 1)
         values = ritz.values.cpu()
-        if self.which in ("largest", "both"):
-            out["lambda_max_at_most"] = random_start_bound(values, log_norm, level)
-        if self.which in ("smallest", "both"):
-            out["lambda_min_at_least"] = -random_start_bound(-torch.flip(values, [0]), log_norm, level)
+        # Both ends, whichever was asked: one Krylov space bounds both (analyze reads the far end's bound
+        # to accept the top run's smallest Ritz pair as the bottom one).
+        out["lambda_max_at_most"] = random_start_bound(values, log_norm, level)
+        out["lambda_min_at_least"] = -random_start_bound(-torch.flip(values, [0]), log_norm, level)
         return out
 
 
@@ -1040,6 +1049,10 @@ def eigs(
     residuals = (confirm - vectors * rayleigh).norm(dim=0)
     order = torch.argsort(rayleigh)
     norm_est = max(state.norm_est, float(rayleigh.abs().max()))
+    opposite, opposite_value = None, None
+    if which != "both" and ritz.values.numel() > k:
+        far = torch.tensor([0 if which == "largest" else ritz.values.numel() - 1])
+        opposite, opposite_value = state.vectors(ritz, far)[:, 0].to(op.device), float(ritz.values[far])
     return EigenResult(
         eigenvalues=rayleigh[order].to(op.device),
         eigenvectors=vectors[:, order].to(op.device),
@@ -1058,4 +1071,6 @@ def eigs(
         plan=plan,
         guard=guard,
         reorthogonalisations=state.reorthogonalisations,
+        opposite=opposite,
+        opposite_ritz_value=opposite_value,
     )

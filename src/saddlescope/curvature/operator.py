@@ -79,6 +79,8 @@ class HessianOperator(_Operator):
             see :class:`~saddlescope.objective.GraphPlan`).
         memory_budget: bytes the kept graphs may take under ``keep_graphs=None`` (default: half the
             free memory).
+        graph: a gradient graph already built at ``theta`` (``objective.gradient_graph(theta)``) to
+            reuse instead of building one; ``keep_graphs`` and ``memory_budget`` are then ignored.
 
     Attributes:
         shape: ``(n, n)`` (``n`` the block's size).
@@ -97,14 +99,18 @@ class HessianOperator(_Operator):
         block: str | Tensor | slice | None = None,
         keep_graphs: bool | None = None,
         memory_budget: int | None = None,
+        graph: GradientGraph | None = None,
     ) -> None:
         if not isinstance(objective, Objective):
             raise InvalidInputError(f"objective must be a saddlescope Objective, got {type(objective).__name__}")
         theta = objective.theta0 if theta is None else objective.check_theta(theta)
         self.objective = objective
         self.theta = theta
-        self._graph: GradientGraph = objective.gradient_graph(theta, keep_graphs=keep_graphs,
-                                                              memory_budget=memory_budget)
+        if graph is None:
+            graph = objective.gradient_graph(theta, keep_graphs=keep_graphs, memory_budget=memory_budget)
+        elif not (graph.objective is objective and torch.equal(graph.theta, theta)):
+            raise InvalidInputError("graph was built for another objective or point")
+        self._graph: GradientGraph = graph
         self.dtype = objective.dtype
         self.device = objective.device
         self._set_block(block)
