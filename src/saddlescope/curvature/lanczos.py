@@ -57,7 +57,10 @@ before does not fit at :func:`preferred_basis` vectors:
    second step or so;
 3. the same, down to :func:`minimum_basis` vectors (ARPACK's default ``ncv``);
 4. on a GPU, the float32 basis in host memory while the products run on the GPU;
-5. otherwise :class:`~saddlescope.errors.MemoryBudgetError` with the estimate, before any product.
+5. no basis at all: the three-term recurrence, with a second pass that regenerates the vectors for the
+   Ritz vectors (:mod:`~saddlescope.curvature.two_pass`: ``5 + pairs`` vectors, float64 then float32,
+   1.7-3x the products);
+6. otherwise :class:`~saddlescope.errors.MemoryBudgetError` with the estimate, before any product.
 
 On the CPU the basis is one ``torch.empty`` of the planned size: pages never written are never
 committed, so a run that converges in ten steps holds ten vectors whatever the plan. On a GPU it grows
@@ -119,10 +122,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saddlescope.curvature.ritz import Ritz
+from saddlescope.curvature.two_pass import TWO_PASS_VECTORS, TwoPassState, two_pass_bytes
 from saddlescope.errors import InvalidInputError, MemoryBudgetError
 from saddlescope.memory import available_memory, describe_bytes
 
 WHICH = ("largest", "smallest", "both")
+# BasisPlan.reorthogonalisation of a run that stores no basis (curvature/two_pass.py).
+TWO_PASS = "none (two passes)"
 
 # The basis is at most KRYLOV_MAX vectors, at least minimum_basis(m) (m pairs wanted), and otherwise as
 # many as fit the memory budget. A larger basis restarts less and never needs more products (trained
@@ -176,7 +183,9 @@ class BasisPlan:
         vectors: basis size before a thick restart.
         dtype: precision the basis is stored in; ``recurrence_dtype``: that of the recurrence
             coefficients, the projected matrix and its eigenproblem (float64 unless asked otherwise).
-        reorthogonalisation: ``"full"`` (every vector against all, twice) or ``"partial"`` (Simon 1984).
+        reorthogonalisation: ``"full"`` (every vector against all, twice), ``"partial"`` (Simon 1984), or
+            :data:`TWO_PASS` (no basis: the three-term recurrence, and a second pass for the Ritz vectors;
+            ``vectors`` is then the count of vectors it holds, :mod:`~saddlescope.curvature.two_pass`).
         device: where the basis lives (the operator's device, or ``"cpu"`` for a GPU operator's
             basis held in host memory).
         bytes: the peak the eigensolver's own tensors are planned to hold (basis, a growth copy on a
@@ -259,7 +268,8 @@ def plan_basis(
         host_budget, host_source: on a GPU, the host memory a basis may take there instead.
 
     Raises:
-        MemoryBudgetError: nothing fits, not even :func:`minimum_basis` float32 vectors (or the fixed size).
+        MemoryBudgetError: nothing fits, not even the two-pass recurrence's few float32 vectors (with
+            ``krylov_dim`` or ``basis_dtype`` fixed: not even that basis).
     """
     device = torch.device(device)
     cap = min(n, max(KRYLOV_MAX, 3 * want + 10))
@@ -309,13 +319,27 @@ def plan_basis(
             return BasisPlan(size, str(dtype), str(recurrence_dtype), "partial" if partial else "full", str(where),
                              peak(size, dtype, partial, where), room, source, why)
         tried.append(f"a {kind} of {floor} vectors would need {describe_bytes(peak(floor, dtype, partial, where))}")
+    if fixed is None and basis_dtype is None:  # no basis at all: the three-term recurrence, twice
+        for vector_dtype in dict.fromkeys((recurrence_dtype, torch.float32)):
+            need = two_pass_bytes(n, want, vector_dtype=vector_dtype, recurrence_dtype=recurrence_dtype)
+            kind = f"two passes of the three-term recurrence, {str(vector_dtype).removeprefix('torch.')} vectors"
+            if need <= budget:
+                why = "; ".join(tried + [f"{kind} need {describe_bytes(need)} of {describe_bytes(budget)} ({budget_source})"])
+                return BasisPlan(TWO_PASS_VECTORS + want + 1, str(vector_dtype), str(recurrence_dtype), TWO_PASS,
+                                 str(device), need, budget, budget_source,
+                                 why + "; no basis is stored: 1.7-3x the products")
+            tried.append(f"{kind} would need {describe_bytes(need)}")
     dtype, partial, where, smallest, room, source = options[-1]
     need = peak(smallest, dtype, partial, where)
+    if fixed is None and basis_dtype is None:
+        smallest_kind, need = "the two-pass recurrence's", min(need, two_pass_bytes(
+            n, want, vector_dtype=torch.float32, recurrence_dtype=recurrence_dtype))
+    else:
+        smallest_kind = f"{smallest} {str(dtype).removeprefix('torch.')} vectors of {n:,} numbers"
     raise MemoryBudgetError(
-        f"the Krylov basis does not fit the memory budget: even {smallest} {str(dtype).removeprefix('torch.')} "
-        f"vectors of {n:,} numbers need about {describe_bytes(need)} ({need:,} bytes), and the budget is "
-        f"{describe_bytes(budget)} ({budget_source}); free memory, pass a larger memory_budget, or analyse a "
-        "block of the parameters (Objective.blocks)"
+        f"the Krylov basis does not fit the memory budget: even {smallest_kind} need about {describe_bytes(need)} "
+        f"({need:,} bytes), and the budget is {describe_bytes(budget)} ({budget_source}); free memory, pass a "
+        "larger memory_budget, or analyse a block of the parameters (Objective.blocks)"
     )
 
 
@@ -446,8 +470,11 @@ def _fresh_direction(basis: Tensor, gen: torch.Generator) -> Tensor:
     return fresh / fresh.norm()
 
 
-def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
-    """Indices (into ascending Ritz values) of the pairs asked for."""
+def _wanted(theta: Tensor, k: int, which: str, distinct: Tensor | None = None) -> Tensor:
+    """Indices (into ascending Ritz values) of the pairs asked for; among ``distinct`` ones only, when given
+    (:attr:`Ritz.distinct`: a ghost copy never takes a wanted place)."""
+    if distinct is not None:
+        return distinct[_wanted(theta[distinct], k, which)]
     m = theta.numel()
     if which == "largest":
         return torch.arange(max(0, m - k), m)
@@ -456,21 +483,6 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     low = torch.arange(0, min(k, m))
     high = torch.arange(max(0, m - k), m)
     return torch.unique(torch.cat([low, high]))
-
-
-@dataclass
-class Ritz:
-    r"""Rayleigh–Ritz on a Lanczos decomposition: pairs :math:`(\theta_i, y_i = V_j s_i)`.
-
-    Attributes:
-        values: ``theta``, ascending.
-        coeffs: the ``s_i`` as columns (shape ``(j, j)``).
-        estimates: ``beta |s_{j,i}|``, the residual ``||A y_i - theta_i y_i||`` in exact arithmetic.
-    """
-
-    values: Tensor
-    coeffs: Tensor
-    estimates: Tensor
 
 
 class LanczosState:
@@ -846,7 +858,7 @@ class StoppingRule:
             return "certificate"  # a Rayleigh quotient needs no convergence, at any Krylov size
         if state.j < self.min_dim and products < self.budget and not self._random_start(state):
             return None
-        idx = _wanted(ritz.values, self.k, self.which)
+        idx = _wanted(ritz.values, self.k, self.which, ritz.distinct)
         if bool((ritz.estimates[idx] <= self.bound(ritz.values[idx], state.norm_est)).all()) and self.guarded(state, ritz):
             return "converged"
         if products >= self.budget:
@@ -994,7 +1006,8 @@ def eigs(
         raise InvalidInputError(f"krylov_dim = {min(n, krylov_dim)} is too small for {want} pairs; use at least {want + 2}")
     plan = _budget_plan(op, n, want, memory_budget=memory_budget, krylov_dim=krylov_dim, basis_dtype=basis_dtype,
                         dtype=dtype)
-    m_max = plan.vectors
+    two_pass = plan.reorthogonalisation == TWO_PASS
+    m_max = KRYLOV_MAX if two_pass else plan.vectors  # a two-pass run is never full: its steps are the budget's
     budget = max_hvps if max_hvps is not None else min(DEFAULT_MAX_HVPS, max(20 * m_max, 500))
     if budget < 1:
         raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
@@ -1025,7 +1038,11 @@ def eigs(
         min_dim=min(n, m_max, max(2 * want + 1, 20)), n=n,
         miss_probability=miss_probability if random_start else None, coarse_basis=coarse,
     )
-    state = LanczosState(v, m_max, seed, basis_dtype=stored)
+    state: LanczosState | TwoPassState
+    if two_pass:
+        state = TwoPassState(v, vector_dtype=stored)
+    else:
+        state = LanczosState(v, m_max, seed, basis_dtype=stored)
     while True:
         if not state.full and products < budget:
             state.step(apply)
@@ -1037,22 +1054,30 @@ def eigs(
         stop = rule.reason(state, ritz, products)
         if stop is not None:
             break
+        if state.full and two_pass:
+            stop = "exhausted"  # the recurrence broke down: its Krylov space is invariant, its Ritz pairs exact
+            break
         if state.full:
             converged = ritz.estimates <= rule.bound(ritz.values, state.norm_est)
             state.restart(ritz, restart_set(ritz, k, which, m_max, converged))
 
     guard = rule.report(state, ritz, stop)
+    # The wanted Ritz vectors, and the far end's (one call: a two-pass state spends a pass on it).
+    wanted = _wanted(ritz.values, k, which, ritz.distinct)
+    far = None
+    if which != "both" and ritz.values.numel() > k:
+        far = 0 if which == "largest" else ritz.values.numel() - 1
+    everything = state.vectors(ritz, wanted if far is None else torch.cat([wanted, torch.tensor([far])]))
+    vectors = everything[:, : wanted.numel()]
+    opposite, opposite_value = None, None
+    if far is not None:
+        opposite, opposite_value = everything[:, -1].to(op.device), float(ritz.values[far])
     # True residuals: Lanczos's estimate can be optimistic in floating point.
-    vectors = state.vectors(ritz, _wanted(ritz.values, k, which))
     confirm = apply(vectors)
     rayleigh = (vectors * confirm).sum(0)
     residuals = (confirm - vectors * rayleigh).norm(dim=0)
     order = torch.argsort(rayleigh)
     norm_est = max(state.norm_est, float(rayleigh.abs().max()))
-    opposite, opposite_value = None, None
-    if which != "both" and ritz.values.numel() > k:
-        far = torch.tensor([0 if which == "largest" else ritz.values.numel() - 1])
-        opposite, opposite_value = state.vectors(ritz, far)[:, 0].to(op.device), float(ritz.values[far])
     return EigenResult(
         eigenvalues=rayleigh[order].to(op.device),
         eigenvectors=vectors[:, order].to(op.device),
