@@ -1,6 +1,6 @@
 """Which HVP engine? One product at a fixed theta, as a Krylov run makes them, against a gradient.
 
-Cases (digits tanh MLP 64-32-10, all 1,797 samples, one batch):
+Cases (digits tanh MLP 64-32-10, all 1,797 samples, one batch; and bench/curvature.py's 26k-parameter CNN, float32):
   gradient                     one gradient (the unit of cost)
   saddlescope reused graph     GradientGraph.hvp: gradient graph built once, one double-backward per product
   saddlescope one-shot         Objective.hvp: builds the graph, then the product (what a single call costs)
@@ -9,7 +9,7 @@ Cases (digits tanh MLP 64-32-10, all 1,797 samples, one batch):
   curvlinops                   HessianLinearOperator @ v (recomputes the graph per product)
   hessian-eigenthings          HessianOperator.matvec (recomputes the graph per product)
 
-Run: python bench/hvp_engines.py   (writes bench/results/hvp_engines.{md,json})
+Run: OMP_NUM_THREADS=1 python bench/hvp_engines.py   (writes bench/results/hvp_engines.{md,json})
 """
 
 from __future__ import annotations
@@ -86,14 +86,33 @@ def engine_cases(model, loss_fn, x, y) -> dict:
     return cases
 
 
+def cnn_cases() -> dict:
+    """bench/curvature.py's 26k-parameter CNN (two 3x3 convolutions of 32 channels, max-pool, two linear
+    layers), trained 150 Adam steps on all 1,797 digit images, float32: where issue 18 measured our product
+    at 1.51 gradients against PyHessian's 1.21."""
+    from curvature import CE, cnn26k, trained
+
+    model, x, y = trained(cnn26k)
+    return engine_cases(model, CE, x, y)
+
+
 def main() -> None:
-    payload: dict = {"environment": environment(), "results": {}}
-    parts = ["# HVP engines: one product at fixed theta, digits MLP 64-32-10 (2,410 params, 1,797 samples)\n",
+    import os
+
+    payload: dict = {"environment": environment(), "load_before": os.getloadavg(), "results": {}}
+    parts = ["# HVP engines: one product at fixed theta, against one gradient\n",
              f"Environment: {environment()}\n"]
     for dtype in (torch.float32, torch.float64):
         times = interleaved(cases_for(dtype), rounds=30, warmup=3)
         payload["results"][str(dtype)] = times
-        parts.append(f"## {dtype}\n\n{table(times, 'gradient')}\n")
+        parts.append(f"## digits MLP 64-32-10 (2,410 params, 1,797 samples), {dtype}\n\n{table(times, 'gradient')}\n")
+    times = interleaved(cnn_cases(), rounds=15, warmup=2)
+    payload["results"]["cnn26k torch.float32"] = times
+    parts.append("## CNN, 26,010 params (bench/curvature.py's cnn26k, trained), 1,797 digit images, torch.float32\n\n"
+                 f"{table(times, 'gradient')}\n")
+    payload["load_after"] = os.getloadavg()
+    parts.insert(2, f"Load average before {payload['load_before']}, after {payload['load_after']}; "
+                    "medians of interleaved rounds (every case once per round).\n")
     markdown = "\n".join(parts)
     print(markdown)
     save("hvp_engines", payload, markdown)

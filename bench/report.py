@@ -3,8 +3,10 @@
 from pathlib import Path
 
 HERE = Path(__file__).parent
-PARTS = ("everyday", "scaling", "monitor_overhead", "curvature", "precision", "distributed", "hvp_engines",
-         "exact_hessian")
+PARTS = ("everyday", "verdict_at_scale", "scaling", "gpu", "monitor_overhead", "curvature", "precision", "distributed",
+         "hvp_engines", "exact_hessian")
+# Where a part has not had its full run: the smaller run it falls back to.
+FALLBACKS = {"gpu": "gpu_cpu_small"}
 
 HEADER = """# Benchmarks
 
@@ -21,8 +23,9 @@ def main() -> None:
     sections = [HEADER]
     for name in PARTS:
         path = HERE / "results" / f"{name}.md"
-        if not path.exists() and (HERE / "results" / f"{name}_quick.md").exists():
-            path = HERE / "results" / f"{name}_quick.md"  # only the --quick run so far
+        for smaller in (f"{name}_quick", FALLBACKS.get(name)):
+            if not path.exists() and smaller and (HERE / "results" / f"{smaller}.md").exists():
+                path = HERE / "results" / f"{smaller}.md"  # only the quick or small run so far
         if path.exists():
             text = path.read_text().strip()
             # Each result's headings go one level down under this page's title.

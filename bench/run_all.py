@@ -7,8 +7,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-for script in ("everyday.py", "scaling.py", "hvp_engines.py", "exact_hessian.py", "curvature.py", "precision.py", "distributed.py",
-               "report.py"):
+for script in ("everyday.py", "verdict_at_scale.py", "scaling.py", "gpu.py", "hvp_engines.py", "exact_hessian.py",
+               "curvature.py", "precision.py", "distributed.py", "report.py"):
     print(f"\n===== {script} =====", flush=True)
     sys.argv = [script]
     runpy.run_path(str(HERE / script), run_name="__main__")
