@@ -21,8 +21,9 @@ process, the whole process's peak resident set (VmHWM).
 Targets (issue 16): a certified verdict in <= 3x PyHessian's top-1 time; peak memory of top-1 <= 1.2x
 PyHessian's.
 
-Run: OMP_NUM_THREADS=1 python bench/verdict_at_scale.py [--sizes 1000000,5000000] [--large] [--full]
-(writes bench/results/verdict_at_scale.{md,json}).
+Run: OMP_NUM_THREADS=1 python bench/verdict_at_scale.py [--sizes 1000000,5000000] [--large] [--full] [--name N]
+(writes bench/results/verdict_at_scale.{md,json}, or N.{md,json}; the 20M row:
+--sizes 20000000 --name verdict_at_scale_20m).
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     parser.add_argument("--large", action="store_true", help="add 20M parameters")
     parser.add_argument("--full", action="store_true", help="also analyze at its defaults")
+    parser.add_argument("--name", default="verdict_at_scale", help="results file name (bench/results/NAME.md)")
     parser.add_argument("--child", nargs=2, metavar=("RUN", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -245,7 +247,7 @@ def main() -> None:
     payload["load_after"] = os.getloadavg()
     text = markdown(payload) + memory_markdown(payload["memory"])
     print(text)
-    save("verdict_at_scale", payload, text)
+    save(args.name, payload, text)
 
 
 if __name__ == "__main__":

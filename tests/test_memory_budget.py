@@ -11,7 +11,7 @@ from spectra import planted
 
 import saddlescope as ss
 from saddlescope import errors
-from saddlescope.curvature import lanczos
+from saddlescope.curvature import basis_plan, lanczos
 from saddlescope.curvature.two_pass import two_pass_bytes
 from saddlescope.memory import available_memory
 
@@ -183,7 +183,7 @@ def test_the_default_budget_is_half_the_free_memory_less_a_rebuilt_graph(monkeyp
     assert res.plan.budget is not None and source in res.plan.budget_source
     assert res.plan.budget == pytest.approx(lanczos.BASIS_MEMORY_SHARE * free, rel=0.2)
 
-    monkeypatch.setattr(lanczos, "available_memory", lambda device: (1_000_000, "a test"))
+    monkeypatch.setattr(basis_plan, "available_memory", lambda device: (1_000_000, "a test"))
     res = ss.eigs(op, 1, "largest")
     assert res.plan.budget == 500_000 and "a test" in res.plan.budget_source
     assert res.plan.bytes <= 500_000
@@ -193,7 +193,7 @@ def test_the_default_budget_is_half_the_free_memory_less_a_rebuilt_graph(monkeyp
     res = ss.eigs(with_graph, 1, "largest")
     assert res.plan.budget == 400_000 and "rebuilt gradient graph" in res.plan.budget_source
 
-    monkeypatch.setattr(lanczos, "available_memory", lambda device: (None, "unknown"))
+    monkeypatch.setattr(basis_plan, "available_memory", lambda device: (None, "unknown"))
     res = ss.eigs(op, 1, "largest")  # the former rule: as many float64 vectors as fit 1 GiB
     assert res.plan.budget is None and res.plan.vectors == 300 and res.plan.dtype == "torch.float64"
 

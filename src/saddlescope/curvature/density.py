@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saddlescope.curvature.lanczos import default_budget, lanczos_step
+from saddlescope.curvature.basis_plan import default_budget
+from saddlescope.curvature.lanczos import lanczos_step
 from saddlescope.errors import InvalidInputError, MemoryBudgetError
 from saddlescope.memory import describe_bytes
 

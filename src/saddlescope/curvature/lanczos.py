@@ -30,83 +30,16 @@ products to show a Ritz value below -1e-9 and 560-590 to converge lambda_min (re
 a 100-vector basis needed 1,900-3,200 and about 18,000 (ARPACK's ``eigsh``, 100 vectors: 16,000; its
 default 20: 226,000). So the basis is as large as the memory budget allows, up to :data:`KRYLOV_MAX`.
 
-Memory is a budget (:func:`plan_basis`, reported as :class:`BasisPlan` in ``EigenResult.plan``). The
-budget defaults to :data:`BASIS_MEMORY_SHARE` of the memory free where the basis lives (host memory, a
-cgroup limit, or ``torch.cuda.mem_get_info``: :func:`saddlescope.memory.available_memory`) less the
-gradient graph a product rebuilds. The plan degrades in a stated order, each step only when the one
-before does not fit at :func:`preferred_basis` vectors:
-
-1. a float64 basis with full reorthogonalisation, as many vectors as fit (at most :data:`KRYLOV_MAX`);
-2. a float32 basis with *partial reorthogonalisation* (Simon 1984, "The Lanczos algorithm with partial
-   reorthogonalization", Math. Comp. 42): the recurrence coefficients, the projected matrix and its
-   eigenproblem stay float64, and so does the arithmetic (the basis is read a block at a time and
-   widened). Each new vector is orthogonalised (twice) against the two before it, and Simon's recurrence
-   for the estimates :math:`\omega_{j+1,k} \approx v_{j+1}^\top v_k`
-   (:math:`\beta_{j+1}\omega_{j+1} = T\omega_j - \sum_{l \in L} T_{lj}\,\omega_l`, :math:`L` the vectors
-   orthogonalised against, plus a rounding term :math:`\epsilon\|A\|/\beta_{j+1}`) says when it must be
-   orthogonalised against the whole basis: when some :math:`|\omega| > \sqrt{\epsilon}`, that vector and
-   the next, the coefficients discarded so :math:`T` stays tridiagonal. Semi-orthogonality keeps the
-   Ritz values as accurate as full orthogonality would in the basis precision (Simon's theorem), with a
-   full pass over the basis only every few steps. The recurrence is the three-term one's: after a thick
-   restart every step is orthogonalised against the whole basis (kept Ritz vectors included), as with a
-   float64 basis. (Carried across restarts, the estimates fell behind the basis's true loss of
-   orthogonality, which reached O(1) after ten restarts on a planted spectrum.) Measured on the planted
-   spectra of the tests: eigenvalue errors <= 1e-7 of ||A|| against <= 1e-8 for a float64 basis at
-   ``tol=1e-6``, true residuals down to the floor :data:`COARSE_FLOOR_EPS` (about 8e-6 ||A||); where
-   ||A|| is a few outliers over a bulk (network Hessians), Simon's estimate asks for a full pass every
-   second step or so;
-3. the same, down to :func:`minimum_basis` vectors (ARPACK's default ``ncv``);
-4. on a GPU, the float32 basis in host memory while the products run on the GPU;
-5. no basis at all: the three-term recurrence, with a second pass that regenerates the vectors for the
-   Ritz vectors (:mod:`~saddlescope.curvature.two_pass`: ``5 + pairs`` vectors, float64 then float32,
-   1.7-3x the products);
-6. otherwise :class:`~saddlescope.errors.MemoryBudgetError` with the estimate, before any product.
+Memory is a budget: the basis's size, precision and place are planned from it
+(:mod:`~saddlescope.curvature.basis_plan`, reported as :class:`BasisPlan` in ``EigenResult.plan``), down to
+no basis at all (:mod:`~saddlescope.curvature.two_pass`).
 
 On the CPU the basis is one ``torch.empty`` of the planned size: pages never written are never
 committed, so a run that converges in ten steps holds ten vectors whatever the plan. On a GPU it grows
 by doubling up to the plan (the plan counts the copy a growth makes).
 
-Convergence is judged by residual norms, never by the change between iterates (:class:`StoppingRule`):
-relative to the spectral-norm estimate :math:`\max|\theta|` (the default), or relative to each Ritz
-value itself (``relative_to="value"``). The second is what a small eigenvalue needs: a Ritz pair with
-residual :math:`r` has an eigenvalue within :math:`r` of :math:`\theta` (for symmetric :math:`A`), so
-:math:`r \le \text{tol}\,|\theta|` bounds the relative error of :math:`\theta` by ``tol`` even when
-:math:`|\lambda_{min}| \ll \lambda_{max}`. On convergence the Ritz vectors are
-multiplied once more (k extra products) to report *true* residuals: in floating point Lanczos loses
-orthogonality and the cheap estimate can be optimistic.
-
-Misconvergence guard (:func:`random_start_miss`). A small residual says :math:`\theta` is near *an*
-eigenvalue, not that it is the extreme one: a start vector with almost no component along the extreme
-eigenvector converges to the next one first. The former rule refused to judge convergence before
-``max(2m + 1, 20)`` basis vectors (ARPACK's ``ncv``), so top-1 always cost 21 products. Now convergence
-is checked from the first step, and a run may stop before that size only when a probabilistic bound
-says the extreme eigenvalue cannot lie beyond the reported one by more than the tolerance, except with
-probability at most ``miss_probability`` over the random start. The bound is the a posteriori form
-(Hochstenbach 2013, "Probabilistic upper bounds for the matrix two-norm", J. Sci. Comput. 57) of the
-random-start analysis of Kuczyński & Woźniakowski (1992, "Estimating the largest eigenvalue by the
-power and Lanczos algorithms with a random start", SIAM J. Matrix Anal. Appl. 13): after :math:`j` steps
-the characteristic polynomial :math:`p_j(t) = \prod_l (t - \theta_l)` of :math:`T_j` satisfies
-:math:`p_j(A)v_1 = \beta_1\cdots\beta_j v_{j+1}`, so for every eigenpair :math:`(\lambda, u)`,
-:math:`(u^\top v_1)^2 p_j(\lambda)^2 \le (\beta_1\cdots\beta_j)^2`. For a start uniform on the sphere
-:math:`(u^\top v_1)^2 \sim \mathrm{Beta}(\tfrac12, \tfrac{n-1}2)`, whose distribution function is at most
-:math:`\sqrt{2(n-1)x/\pi}`. If :math:`|p_j| \ge M` wherever a missed eigenvalue could be (at or above
-:math:`\theta_{(k)} + \eta` and farther than :math:`\eta` from the reported Ritz values, for the k largest;
-mirrored for the smallest), a miss needs :math:`(u^\top v_1)^2 \le (\beta_1\cdots\beta_j/M)^2`; the run
-stops only when that level has probability at most ``miss_probability`` (split over the k eigenvectors
-it covers). Since the level is fixed, stopping at the first step that passes does not raise the chance.
-
-Guarantee, for ``which="largest"``, ``k = 1`` and a run stopped by the bound: with probability at least
-``1 - miss_probability`` over the start, :math:`\lambda_{max} \le \theta + \eta` (:math:`\eta` the pair's
-residual tolerance; and :math:`\lambda_{max} \ge \theta` always, a Rayleigh quotient). Whatever stopped
-the run, ``EigenResult.guard`` reports the bound :math:`\lambda_{max} \le U` (and/or
-:math:`\lambda_{min} \ge L`) the final Krylov space gives at that probability, while the polynomial
-relation holds (a random start, no thick restart). Once the basis has ``max(2m + 1, 20)`` vectors the
-former rule still accepts converged residuals (waiting for the bound there cost 5-25% more products on
-slowly converging ends), so no run spends more products than before. With a start the caller chose
-(``v0``) only the former rule applies. No single-vector Krylov method sees a second copy of a (nearly)
-repeated eigenvalue; the guard does not claim to. Top-1 at ``tol=1e-4`` (products, confirmation
-included, before -> now): the planted spectrum of the tests with 5 outliers up to 100, 21 -> 8-10;
-the digits MLP at initialisation, 21 -> 18.
+When to stop, and the misconvergence guard that lets a run stop before ARPACK's ``ncv`` vectors, are in
+:mod:`~saddlescope.curvature.stopping` (:class:`StoppingRule`).
 
 The recurrence, the basis and the small eigenproblem run in ``dtype`` (float64 by default), whatever
 precision the operator computes in, unless the plan stores the basis in float32 (above).
@@ -116,43 +49,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saddlescope.curvature.basis_plan import (
+    BASIS_MEMORY_SHARE,
+    CHUNK_BYTES,
+    KRYLOV_MAX,
+    KRYLOV_MEMORY_BYTES,
+    TWO_PASS,
+    BasisPlan,
+    budget_plan,
+    default_budget,
+    minimum_basis,
+    plan_basis,
+    planned_bytes,
+    preferred_basis,
+)
 from saddlescope.curvature.ritz import Ritz
-from saddlescope.curvature.two_pass import TWO_PASS_VECTORS, TwoPassState, two_pass_bytes
-from saddlescope.errors import InvalidInputError, MemoryBudgetError
-from saddlescope.memory import available_memory, describe_bytes
+from saddlescope.curvature.stopping import (
+    DEFAULT_MISS_PROBABILITY,
+    StoppingRule,
+    random_start_bound,
+    random_start_miss,
+    wanted,
+)
+from saddlescope.curvature.two_pass import TwoPassState
+from saddlescope.errors import InvalidInputError
 
 WHICH = ("largest", "smallest", "both")
-# BasisPlan.reorthogonalisation of a run that stores no basis (curvature/two_pass.py).
-TWO_PASS = "none (two passes)"
-
-# The basis is at most KRYLOV_MAX vectors, at least minimum_basis(m) (m pairs wanted), and otherwise as
-# many as fit the memory budget. A larger basis restarts less and never needs more products (trained
-# 26k-parameter MLP, float32: 200 HVPs with 40 vectors, 90 with 100; the log-spaced spectrum above:
-# 560-590 with 1,000, about 18,000 with 100). The cap bounds the Rayleigh-Ritz cost, O(j^3) in the basis
-# size j (0.3 s at j = 1,000 on one thread).
-KRYLOV_MAX = 1000
-# The budget when the free memory cannot be read (a device other than the CPU or a CUDA GPU).
-KRYLOV_MEMORY_BYTES = 2**30
-# Default budget: this share of the memory free where the basis lives, after the graph a product
-# rebuilds; the rest stays for the caller, the allocator's slack and whatever runs beside.
-BASIS_MEMORY_SHARE = 0.5
-# Conversions between a float32 basis and float64 arithmetic, and the in-place restart, go through
-# blocks of at most this many bytes, and at most an eighth of the basis.
-CHUNK_BYTES = 16 * 2**20
 # Default product budget: max(20 * basis size, 500), at most DEFAULT_MAX_HVPS (what a 100-vector basis
 # got before the basis grew with memory: a larger basis needs fewer products, not a larger budget).
 DEFAULT_MAX_HVPS = 2000
-# Rayleigh-Ritz after every step while the basis has at most RITZ_EVERY_STEP vectors (0.7 ms at 100),
-# then every ceil(j / RITZ_INTERVAL) steps: a large basis then spends little on it and stops at most
-# about 3% of its products late.
-RITZ_EVERY_STEP = 128
-RITZ_INTERVAL = 32
 # Residual floor of relative_to="value", in units of eps(operator dtype) * ||A||: products in float32
 # reached 3 eps ||A|| on a trained MLP, so 16 leaves a margin without giving up accuracy.
 VALUE_FLOOR_EPS = 16
@@ -160,200 +91,6 @@ VALUE_FLOOR_EPS = 16
 # Ritz vector stored in float32 carries about sqrt(j) roundings (true residuals of 20-30 eps ||A|| on
 # the planted spectra of the tests at 50-100 vectors), so 64 leaves the same margin.
 COARSE_FLOOR_EPS = 64
-# Probability, over the random start, that the guard lets a run stop with an extreme eigenvalue
-# missed by more than the tolerance (see the module docstring).
-DEFAULT_MISS_PROBABILITY = 1e-3
-
-
-def minimum_basis(want: int, n: int) -> int:
-    """The fewest basis vectors a plan may have for ``want`` pairs: ARPACK's default ``ncv``, ``max(2m + 1, 20)``."""
-    return min(n, max(2 * want + 1, 20))
-
-
-def preferred_basis(want: int, n: int) -> int:
-    """Below this many vectors a float64 basis gives way to a float32 one: ``max(3m + 10, 40)`` (the former default's floor)."""
-    return min(n, max(3 * want + 10, 40))
-
-
-@dataclass
-class BasisPlan:
-    """How :func:`eigs` holds its Krylov basis, and why (:func:`plan_basis`).
-
-    Attributes:
-        vectors: basis size before a thick restart.
-        dtype: precision the basis is stored in; ``recurrence_dtype``: that of the recurrence
-            coefficients, the projected matrix and its eigenproblem (float64 unless asked otherwise).
-        reorthogonalisation: ``"full"`` (every vector against all, twice), ``"partial"`` (Simon 1984), or
-            :data:`TWO_PASS` (no basis: the three-term recurrence, and a second pass for the Ritz vectors;
-            ``vectors`` is then the count of vectors it holds, :mod:`~saddlescope.curvature.two_pass`).
-        device: where the basis lives (the operator's device, or ``"cpu"`` for a GPU operator's
-            basis held in host memory).
-        bytes: the peak the eigensolver's own tensors are planned to hold (basis, a growth copy on a
-            GPU, the projected matrix, working and Ritz vectors); the operator's graphs are not in it.
-        budget: the bytes it may use (None: unknown, :data:`KRYLOV_MEMORY_BYTES` assumed);
-            ``budget_source``: where that figure came from.
-        why: one sentence.
-    """
-
-    vectors: int
-    dtype: str
-    recurrence_dtype: str
-    reorthogonalisation: str
-    device: str
-    bytes: int
-    budget: int | None
-    budget_source: str
-    why: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def planned_bytes(n: int, vectors: int, want: int, *, basis_dtype: torch.dtype, recurrence_dtype: torch.dtype,
-                  partial: bool, grows_by_copy: bool) -> int:
-    """The peak bytes of :func:`eigs`'s own tensors for a basis of ``vectors`` vectors of length ``n``."""
-    item = torch.finfo(basis_dtype).bits // 8
-    rec = torch.finfo(recurrence_dtype).bits // 8
-    rows = vectors + 1
-    basis = rows * n * item
-    if grows_by_copy:
-        basis += ((rows + 1) // 2) * n * item  # the last growth holds the old half beside the new whole
-    small = vectors * vectors * rec + (rows * rows * 8 if partial else 0)
-    # The product's input and output, the vector being orthogonalised and its projections; at the end
-    # the Ritz vectors, their products and residuals.
-    working = n * rec * (5 + 3 * want)
-    blocks = 2 * min(CHUNK_BYTES, math.ceil(rows / 8) * n * 8, rows * math.ceil(n / 8) * 8)  # source and result
-    return basis + small + working + blocks
-
-
-def default_budget(op: Any, device: torch.device) -> tuple[int | None, str]:
-    """:data:`BASIS_MEMORY_SHARE` of the memory free on ``device`` after the gradient graph a product
-    rebuilds (an operator that keeps its graphs holds them already; the free figure has them out)."""
-    free, source = available_memory(device)
-    if free is None:
-        return None, source
-    rebuilt = 0
-    graphs = getattr(op, "graph_plan", None)
-    if graphs is not None and graphs.recomputed > 0 and graphs.bytes_per_graph:
-        rebuilt = int(graphs.bytes_per_graph)
-    where = f"{BASIS_MEMORY_SHARE:.0%} of {describe_bytes(free)} free ({source})"
-    if rebuilt:
-        where += f" less a rebuilt gradient graph ({describe_bytes(rebuilt)})"
-    return int(BASIS_MEMORY_SHARE * max(free - rebuilt, 0)), where
-
-
-def plan_basis(
-    n: int,
-    want: int,
-    *,
-    budget: int | None,
-    budget_source: str,
-    device: torch.device | str = "cpu",
-    recurrence_dtype: torch.dtype = torch.float64,
-    krylov_dim: int | None = None,
-    basis_dtype: torch.dtype | None = None,
-    host_budget: int | None = None,
-    host_source: str = "",
-) -> BasisPlan:
-    """Choose the basis size, its precision and where it lives from a memory budget (module docstring).
-
-    Args:
-        n: the dimension; want: the pairs wanted (``2k`` for ``"both"``).
-        budget, budget_source: bytes the eigensolver may use where the operator lives (None: unknown,
-            then the former rule: as many float64 vectors as fit :data:`KRYLOV_MEMORY_BYTES`).
-        device: the operator's device.
-        recurrence_dtype: precision of the coefficients and the projected problem; anything but
-            float64 keeps the basis in that precision with full reorthogonalisation (no fallback).
-        krylov_dim, basis_dtype: fix the size or the basis precision instead of choosing them.
-        host_budget, host_source: on a GPU, the host memory a basis may take there instead.
-
-    Raises:
-        MemoryBudgetError: nothing fits, not even the two-pass recurrence's few float32 vectors (with
-            ``krylov_dim`` or ``basis_dtype`` fixed: not even that basis).
-    """
-    device = torch.device(device)
-    cap = min(n, max(KRYLOV_MAX, 3 * want + 10))
-    fixed = None if krylov_dim is None else min(n, krylov_dim)
-    preferred, minimum = preferred_basis(want, n), minimum_basis(want, n)
-    # (basis dtype, partial reorthogonalisation, where, fewest vectors, budget there, its source), in order
-    options: list[tuple[torch.dtype, bool, torch.device, int, int | None, str]]
-    if basis_dtype is not None or recurrence_dtype != torch.float64:
-        dtype = basis_dtype or recurrence_dtype
-        partial = torch.finfo(dtype).bits < torch.finfo(recurrence_dtype).bits
-        options = [(dtype, partial, device, minimum, budget, budget_source)]
-    else:
-        options = [(torch.float64, False, device, preferred, budget, budget_source),
-                   (torch.float32, True, device, preferred, budget, budget_source),
-                   (torch.float32, True, device, minimum, budget, budget_source)]
-        if device.type == "cuda":
-            options.append((torch.float32, True, torch.device("cpu"), minimum, host_budget, host_source))
-
-    def peak(size: int, dtype: torch.dtype, partial: bool, where: torch.device) -> int:
-        return planned_bytes(n, size, want, basis_dtype=dtype, recurrence_dtype=recurrence_dtype, partial=partial,
-                             grows_by_copy=where.type != "cpu")
-
-    if budget is None:  # the former rule: the basis alone in 1 GiB, never fewer than the preferred floor
-        dtype = options[0][0]
-        fits = KRYLOV_MEMORY_BYTES // (n * torch.finfo(dtype).bits // 8) - 1
-        size = fixed if fixed is not None else min(cap, max(preferred_basis(want, n), fits))
-        return BasisPlan(size, str(dtype), str(recurrence_dtype), "partial" if options[0][1] else "full", str(device),
-                         peak(size, dtype, options[0][1], device), None, budget_source,
-                         f"free memory unknown ({budget_source}): {size} vectors, as many as fit "
-                         f"{describe_bytes(KRYLOV_MEMORY_BYTES)}")
-    if fixed is not None:  # a fixed size: fewer vectors are not an option, only another precision or place
-        options = list(dict.fromkeys((d, p, w, fixed, r, src) for d, p, w, _, r, src in options))
-    tried: list[str] = []
-    for dtype, partial, where, floor, room, source in options:
-        room = 0 if room is None else room
-        high = cap if fixed is None else fixed
-        size = _largest_fitting(lambda s, d=dtype, p=partial, w=where, r=room: peak(s, d, p, w) <= r, floor, high)
-        kind = f"{str(dtype).removeprefix('torch.')} basis" + (" in host memory" if where != device else "")
-        if size >= floor:
-            why = "; ".join(tried + [
-                f"a {kind} of {size} vectors"
-                + (" (the cap)" if size == cap and fixed is None else "" if fixed is None else " (as asked)")
-                + f" needs {describe_bytes(peak(size, dtype, partial, where))} of {describe_bytes(room)} ({source})"
-            ])
-            if partial:
-                why += "; partial reorthogonalisation, coefficients in " + str(recurrence_dtype).removeprefix("torch.")
-            return BasisPlan(size, str(dtype), str(recurrence_dtype), "partial" if partial else "full", str(where),
-                             peak(size, dtype, partial, where), room, source, why)
-        tried.append(f"a {kind} of {floor} vectors would need {describe_bytes(peak(floor, dtype, partial, where))}")
-    if fixed is None and basis_dtype is None:  # no basis at all: the three-term recurrence, twice
-        for vector_dtype in dict.fromkeys((recurrence_dtype, torch.float32)):
-            need = two_pass_bytes(n, want, vector_dtype=vector_dtype, recurrence_dtype=recurrence_dtype)
-            kind = f"two passes of the three-term recurrence, {str(vector_dtype).removeprefix('torch.')} vectors"
-            if need <= budget:
-                why = "; ".join(tried + [f"{kind} need {describe_bytes(need)} of {describe_bytes(budget)} ({budget_source})"])
-                return BasisPlan(TWO_PASS_VECTORS + want + 1, str(vector_dtype), str(recurrence_dtype), TWO_PASS,
-                                 str(device), need, budget, budget_source,
-                                 why + "; no basis is stored: 1.7-3x the products")
-            tried.append(f"{kind} would need {describe_bytes(need)}")
-    dtype, partial, where, smallest, room, source = options[-1]
-    need = peak(smallest, dtype, partial, where)
-    if fixed is None and basis_dtype is None:
-        smallest_kind, need = "the two-pass recurrence's", min(need, two_pass_bytes(
-            n, want, vector_dtype=torch.float32, recurrence_dtype=recurrence_dtype))
-    else:
-        smallest_kind = f"{smallest} {str(dtype).removeprefix('torch.')} vectors of {n:,} numbers"
-    raise MemoryBudgetError(
-        f"the Krylov basis does not fit the memory budget: even {smallest_kind} need about {describe_bytes(need)} "
-        f"({need:,} bytes), and the budget is {describe_bytes(budget)} ({budget_source}); free memory, pass a "
-        "larger memory_budget, or analyse a block of the parameters (Objective.blocks)"
-    )
-
-
-def _largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
-    """The largest size in ``[low, high]`` that ``fits`` (monotone), or ``low - 1`` when none does."""
-    if high < low or not fits(low):
-        return low - 1
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 @dataclass
@@ -374,7 +111,7 @@ class EigenResult:
         dtype: precision of the basis (that of the recurrence, unless the plan stores the basis in
             float32); operator_dtype: precision of the products (the model's).
         plan: the memory plan (:class:`BasisPlan`): basis vectors, dtype, bytes, budget, why.
-        guard: the misconvergence guard (module docstring): ``rule`` (``"random start"`` or
+        guard: the misconvergence guard (:mod:`~saddlescope.curvature.stopping`): ``rule`` (``"random start"`` or
             ``"minimum Krylov dimension"``), ``miss_probability``, and where the random-start bound holds
             at the end, ``lambda_max_at_most`` and ``lambda_min_at_least`` (both ends, whichever was
             asked): each bound holds with probability at least ``1 - miss_probability`` over the start.
@@ -470,21 +207,6 @@ def _fresh_direction(basis: Tensor, gen: torch.Generator) -> Tensor:
     return fresh / fresh.norm()
 
 
-def _wanted(theta: Tensor, k: int, which: str, distinct: Tensor | None = None) -> Tensor:
-    """Indices (into ascending Ritz values) of the pairs asked for; among ``distinct`` ones only, when given
-    (:attr:`Ritz.distinct`: a ghost copy never takes a wanted place)."""
-    if distinct is not None:
-        return distinct[_wanted(theta[distinct], k, which)]
-    m = theta.numel()
-    if which == "largest":
-        return torch.arange(max(0, m - k), m)
-    if which == "smallest":
-        return torch.arange(0, min(k, m))
-    low = torch.arange(0, min(k, m))
-    high = torch.arange(max(0, m - k), m)
-    return torch.unique(torch.cat([low, high]))
-
-
 class LanczosState:
     r"""A Lanczos decomposition :math:`A V_j = V_j T_j + \beta v_{j+1} e_j^\top`, grown by :meth:`step`
     and cut back by :meth:`restart`; :meth:`ritz` solves the projected problem.
@@ -495,7 +217,7 @@ class LanczosState:
     :math:`T_j` dense (after a thick restart it is diagonal plus one coupling row, then tridiagonal).
     With a basis stored in a coarser precision than ``start`` (the recurrence's), steps use partial
     reorthogonalisation until the first thick restart and full reorthogonalisation after it, in the
-    recurrence's precision (module docstring); ``omega`` holds Simon's estimates of the basis's inner
+    recurrence's precision (:mod:`~saddlescope.curvature.basis_plan`); ``omega`` holds Simon's estimates of the basis's inner
     products meanwhile.
     """
 
@@ -707,186 +429,6 @@ class LanczosState:
         return vectors / vectors.norm(dim=0, keepdim=True)
 
 
-def _log_abs_poly(points: Tensor, roots: Tensor) -> Tensor:
-    """``log |prod_l (x - roots_l)|`` at each of ``points``."""
-    return torch.log((points[:, None] - roots[None, :]).abs()).sum(1)
-
-
-def _log_tail_level(n: int, miss_probability: float, eigenvectors: int) -> float:
-    r"""``log x`` with :math:`P(\mathrm{Beta}(\tfrac12, \tfrac{n-1}2) \le x) \le` ``miss_probability / eigenvectors``
-    (from :math:`P \le \sqrt{2(n-1)x/\pi}`: the start's squared component along a fixed unit vector)."""
-    share = miss_probability / eigenvectors
-    return math.log(math.pi / 2) + 2 * math.log(share) - math.log(max(n - 1, 1))
-
-
-def random_start_miss(values: Tensor, margins: Tensor, log_norm: float, log_level: float) -> bool:
-    r"""Could a start of probability above the level have missed an eigenvalue above the top Ritz values?
-
-    ``values``: the Ritz values (ascending); ``margins``: :math:`\eta` for the k largest, largest first.
-    A missed eigenvalue of the k largest lies at or above :math:`\theta_{(k)} + \eta_{(k)}` and farther
-    than :math:`\eta_{(m)}` from each :math:`\theta_{(m)}`, m < k; there :math:`|p_j| \ge M`, the least of
-    :math:`|p_j|` at the ends of that set (``|p_j|`` is log-concave between its roots and grows beyond
-    them). Returns True when a miss is still possible at this level, i.e. when
-    :math:`2\log M + \log x < 2 \log(\beta_1\cdots\beta_j)` (see the module docstring).
-    """
-    if log_norm == -math.inf:
-        return False
-    k = margins.numel()
-    top = torch.flip(values, [0])[:k].to(torch.float64)
-    margins = margins.to(torch.float64)
-    start = float(top[-1] + margins[-1])
-    ends = torch.cat([torch.tensor([start], dtype=torch.float64), top[:-1] + margins[:-1], top[:-1] - margins[:-1]])
-    inside = torch.zeros_like(ends, dtype=torch.bool)
-    for theta, eta in zip(top[:-1].tolist(), margins[:-1].tolist(), strict=True):
-        inside |= (ends > theta - eta) & (ends < theta + eta)
-    ends = ends[(ends >= start) & ~inside]
-    if ends.numel() == 0:
-        return False
-    least = float(_log_abs_poly(ends, values.to(torch.float64)).min())
-    return 2 * least + log_level < 2 * log_norm
-
-
-def random_start_bound(values: Tensor, log_norm: float, log_level: float) -> float:
-    r"""The :math:`U > \theta_{max}` with :math:`|p_j(U)|^2 x = (\beta_1\cdots\beta_j)^2`: with probability
-    at least ``1 - miss_probability`` over the start, no eigenvalue exceeds it."""
-    values = values.to(torch.float64)
-    top = float(values[-1])
-    if log_norm == -math.inf:
-        return top
-    target = log_norm - 0.5 * log_level
-
-    def log_p(x: float) -> float:
-        return float(_log_abs_poly(torch.tensor([x], dtype=torch.float64), values)[0])
-
-    width = max(float(values[-1] - values[0]), abs(top), 1e-300)
-    step = width
-    while log_p(top + step) < target and step < 1e300:
-        step *= 2
-    low, high = top, top + step
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if mid in (low, high):
-            break
-        if log_p(mid) < target:
-            low = mid
-        else:
-            high = mid
-    return high
-
-
-@dataclass(frozen=True)
-class StoppingRule:
-    """When :func:`eigs` looks at its Ritz pairs and when it stops: everything about stopping in one place.
-
-    Attributes:
-        k, which: the pairs wanted (see :func:`eigs`).
-        tol, relative_to, atol: the residual each wanted pair must reach (see :meth:`bound`).
-        value_floor: for ``relative_to="value"`` without ``atol``, the floor per unit of ``||A||``.
-        stop_below: stop at the first Ritz value below it (a certificate), at any basis size.
-        budget: the product budget.
-        min_dim: with no random-start bound (a given start, after a restart), the basis size below
-            which convergence is not judged (ARPACK's default ``ncv``).
-        n: the dimension.
-        miss_probability: the random-start guard's level (module docstring); None when the start was
-            given (the guard is then ``min_dim``).
-        coarse_basis: the basis is stored coarser than the recurrence (float32): ``value_floor`` then
-            applies to ``relative_to="norm"`` too, since residuals stop improving there.
-    """
-
-    k: int
-    which: str
-    tol: float
-    relative_to: str
-    atol: float | None
-    value_floor: float
-    stop_below: float | None
-    budget: int
-    min_dim: int
-    n: int
-    miss_probability: float | None = None
-    coarse_basis: bool = False
-
-    def floor(self, norm_est: float) -> float:
-        if self.atol is not None:
-            return float(self.atol)
-        return self.value_floor * norm_est if (self.relative_to == "value" or self.coarse_basis) else 0.0
-
-    def bound(self, values: Tensor, norm_est: float) -> Tensor:
-        """The residual each pair must reach: ``max(tol * scale, floor)``."""
-        scale = values.abs() if self.relative_to == "value" else torch.full_like(values, norm_est)
-        return torch.clamp(self.tol * scale, min=self.floor(norm_est))
-
-    def _random_start(self, state: LanczosState) -> bool:
-        return self.miss_probability is not None and state.krylov
-
-    def due(self, state: LanczosState, products: int) -> bool:
-        """Is a Rayleigh–Ritz worth its cost now?"""
-        out_of_steps = state.full or products >= self.budget or state.j >= self.n
-        if (state.j < self.min_dim and not out_of_steps and self.stop_below is None
-                and not self._random_start(state)):
-            # A given start: a Ritz pair can have a tiny residual and still not be the extreme one
-            # (misconvergence), and nothing bounds that chance, so convergence is not checked before min_dim.
-            return False
-        every = 1 if state.j <= RITZ_EVERY_STEP else math.ceil(state.j / RITZ_INTERVAL)
-        return out_of_steps or state.j - state.ritz_at >= every
-
-    def guarded(self, state: LanczosState, ritz: Ritz) -> bool:
-        """May the run stop on converged residuals, as far as misconvergence goes?"""
-        if state.j >= self.n or (state.saw_invariant and self.miss_probability is not None):
-            # Exact Ritz values; or the random start's Krylov space became invariant, so every eigenvalue
-            # (almost surely every one has a component in a random start) is among them.
-            return True
-        if state.j >= self.min_dim:
-            return True  # the former rule (ARPACK's ncv); the bound is still reported
-        if not self._random_start(state):
-            return False
-        assert self.miss_probability is not None
-        ends = ("largest", "smallest") if self.which == "both" else (self.which,)
-        level = _log_tail_level(self.n, self.miss_probability, self.k * len(ends))
-        log_norm = state.log_krylov_norm()
-        for end in ends:
-            values = ritz.values if end == "largest" else -torch.flip(ritz.values, [0])
-            top = torch.flip(values, [0])[: self.k]
-            margins = self.bound(top, state.norm_est)
-            if random_start_miss(values.cpu(), margins.cpu(), log_norm, level):
-                return False
-        return True
-
-    def reason(self, state: LanczosState, ritz: Ritz, products: int) -> str | None:
-        """Why to stop now (``"certificate"``, ``"converged"``, ``"budget"``, ``"exhausted"``), or None."""
-        if self.stop_below is not None and float(ritz.values[0]) < self.stop_below:
-            return "certificate"  # a Rayleigh quotient needs no convergence, at any Krylov size
-        if state.j < self.min_dim and products < self.budget and not self._random_start(state):
-            return None
-        idx = _wanted(ritz.values, self.k, self.which, ritz.distinct)
-        if bool((ritz.estimates[idx] <= self.bound(ritz.values[idx], state.norm_est)).all()) and self.guarded(state, ritz):
-            return "converged"
-        if products >= self.budget:
-            return "budget"
-        if state.j >= self.n:
-            return "exhausted"  # V_j spans R^n: the Ritz pairs are exact
-        return None
-
-    def report(self, state: LanczosState, ritz: Ritz, stop: str) -> dict[str, Any]:
-        """The guard as a record: what let the run stop and, while the random-start bound holds (a random
-        start, no restart), the bounds it gives on the extreme eigenvalues at both ends."""
-        rule = {"converged": "random-start bound" if state.j < self.min_dim else "minimum Krylov dimension"}.get(stop)
-        if stop == "converged" and (state.j >= self.n or state.saw_invariant):
-            rule = "exact"
-        out: dict[str, Any] = {"stopped": stop, "rule": rule, "steps": state.j, "min_dim": self.min_dim,
-                               "miss_probability": self.miss_probability}
-        if self.miss_probability is None or not (state.krylov or state.saw_invariant):
-            return out
-        log_norm = -math.inf if state.saw_invariant or state.j >= self.n else state.log_krylov_norm()
-        level = _log_tail_level(self.n, self.miss_probability, 1)
-        values = ritz.values.cpu()
-        # Both ends, whichever was asked: one Krylov space bounds both (analyze reads the far end's bound
-        # to accept the top run's smallest Ritz pair as the bottom one).
-        out["lambda_max_at_most"] = random_start_bound(values, log_norm, level)
-        out["lambda_min_at_least"] = -random_start_bound(-torch.flip(values, [0]), log_norm, level)
-        return out
-
-
 def restart_set(ritz: Ritz, k: int, which: str, size: int, converged: Tensor) -> Tensor:
     """The Ritz pairs a thick restart keeps: indices into ``ritz.values``, ascending.
 
@@ -896,13 +438,13 @@ def restart_set(ritz: Ritz, k: int, which: str, size: int, converged: Tensor) ->
     neighbours, down to as many neighbours as wanted pairs.
     """
     j = ritz.values.numel()
-    n_wanted = _wanted(ritz.values, k, which).numel()
+    n_wanted = wanted(ritz.values, k, which).numel()
     room = size - max(size // 3, 2)  # kept at most
     n_near = min(j - 1, size - 2, n_wanted + max(n_wanted, (size - n_wanted) // 2))
 
     def nearest(count: int) -> Tensor:
         """The ``count`` pairs nearest the wanted end (``count / 2`` at each end for ``"both"``)."""
-        return _wanted(ritz.values, count // 2 if which == "both" else count, which)
+        return wanted(ritz.values, count // 2 if which == "both" else count, which)
 
     elsewhere = torch.ones(j, dtype=torch.bool)
     elsewhere[nearest(n_near)] = False
@@ -912,23 +454,6 @@ def restart_set(ritz: Ritz, k: int, which: str, size: int, converged: Tensor) ->
     near = nearest(n_near)
     locked = lockable[: max(0, room - near.numel())]
     return torch.sort(torch.cat([near, locked])).values
-
-
-def _budget_plan(op: Any, n: int, want: int, *, memory_budget: int | None, krylov_dim: int | None,
-                 basis_dtype: torch.dtype | None, dtype: torch.dtype) -> BasisPlan:
-    device = torch.device(op.device)
-    if memory_budget is not None:
-        if not (isinstance(memory_budget, int) and memory_budget >= 0):
-            raise InvalidInputError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
-        budget, source = memory_budget, "memory_budget"
-    else:
-        budget, source = default_budget(op, device)
-    host_budget, host_source = None, ""
-    if device.type == "cuda" and basis_dtype is None and dtype == torch.float64:
-        host_budget, host_source = default_budget(None, torch.device("cpu"))
-    return plan_basis(n, want, budget=budget, budget_source=source, device=device, recurrence_dtype=dtype,
-                      krylov_dim=krylov_dim, basis_dtype=basis_dtype, host_budget=host_budget,
-                      host_source=host_source)
 
 
 def eigs(
@@ -983,7 +508,7 @@ def eigs(
             :func:`default_budget`). The result's ``plan`` says what was chosen and why.
         basis_dtype: store the basis in this precision instead of letting the plan choose (float32
             with float64 ``dtype``: partial reorthogonalisation).
-        miss_probability: the misconvergence guard's level (module docstring).
+        miss_probability: the misconvergence guard's level (:mod:`~saddlescope.curvature.stopping`).
 
     Raises:
         MemoryBudgetError: not even the smallest useful basis fits the budget (before any product).
@@ -1004,7 +529,7 @@ def eigs(
         raise InvalidInputError(f"miss_probability must lie in (0, 1), got {miss_probability}")
     if krylov_dim is not None and min(n, krylov_dim) < min(n, want + 2):
         raise InvalidInputError(f"krylov_dim = {min(n, krylov_dim)} is too small for {want} pairs; use at least {want + 2}")
-    plan = _budget_plan(op, n, want, memory_budget=memory_budget, krylov_dim=krylov_dim, basis_dtype=basis_dtype,
+    plan = budget_plan(op, n, want, memory_budget=memory_budget, krylov_dim=krylov_dim, basis_dtype=basis_dtype,
                         dtype=dtype)
     two_pass = plan.reorthogonalisation == TWO_PASS
     m_max = KRYLOV_MAX if two_pass else plan.vectors  # a two-pass run is never full: its steps are the budget's
@@ -1063,12 +588,12 @@ def eigs(
 
     guard = rule.report(state, ritz, stop)
     # The wanted Ritz vectors, and the far end's (one call: a two-pass state spends a pass on it).
-    wanted = _wanted(ritz.values, k, which, ritz.distinct)
+    picked = wanted(ritz.values, k, which, ritz.distinct)
     far = None
     if which != "both" and ritz.values.numel() > k:
         far = 0 if which == "largest" else ritz.values.numel() - 1
-    everything = state.vectors(ritz, wanted if far is None else torch.cat([wanted, torch.tensor([far])]))
-    vectors = everything[:, : wanted.numel()]
+    everything = state.vectors(ritz, picked if far is None else torch.cat([picked, torch.tensor([far])]))
+    vectors = everything[:, : picked.numel()]
     opposite, opposite_value = None, None
     if far is not None:
         opposite, opposite_value = everything[:, -1].to(op.device), float(ritz.values[far])
@@ -1099,3 +624,11 @@ def eigs(
         opposite=opposite,
         opposite_ritz_value=opposite_value,
     )
+
+
+__all__ = [
+    "BASIS_MEMORY_SHARE", "DEFAULT_MISS_PROBABILITY", "KRYLOV_MAX", "KRYLOV_MEMORY_BYTES", "TWO_PASS", "WHICH",
+    "BasisPlan", "EigenResult", "LanczosState", "StoppingRule", "default_budget", "eigs", "lanczos_step",
+    "minimum_basis", "plan_basis", "planned_bytes", "preferred_basis", "random_start_bound", "random_start_miss",
+    "restart_set",
+]

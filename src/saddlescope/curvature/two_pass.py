@@ -149,7 +149,7 @@ class TwoPassState:
         self.previous = self.current = None  # the first pass is done with them: free their memory
         out = torch.zeros(self.n, coeffs.shape[1], dtype=self.dtype, device=self.start.device)
         previous, v = None, self.start
-        for l in range(self.j):  # noqa: E741 - the index of the math
+        for l in range(self.j):
             out.addmm_(v.to(self.dtype).unsqueeze(1), coeffs[l : l + 1])
             if l + 1 < self.j:
                 w, _ = self._next(self._apply, v, previous, self.betas[l - 1] if l else 0.0, self.parts[l])
