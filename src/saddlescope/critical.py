@@ -798,8 +798,9 @@ def _iterative_quantities(
 
     A Ritz value is a Rayleigh quotient, so :math:`\lambda_{min} \le \theta_b` and
     :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair of a run that stopped on
-    convergence adds the residual bound on the other side (an interval). The fractions are the quadrature's estimates with their error bars,
-    unless the verdict proves them (a minimum has no eigenvalue at or below the zero threshold).
+    convergence adds the residual bound on the other side (an interval). The fractions are the
+    quadrature's estimates with their error bars, unless the verdict proves them (a minimum has no
+    eigenvalue at or below the zero threshold).
     """
     tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
     tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
