@@ -23,7 +23,10 @@ Willoughby, "Lanczos algorithms for large symmetric eigenvalue computations", 19
 pass repeats the first's arithmetic operation for operation (each :math:`\alpha` is stored as the two
 parts it was computed in): once orthogonality is lost the recurrence amplifies any difference, and a
 regeneration that merely agrees in exact arithmetic returned Ritz vectors with residuals of 0.07 where
-the first pass's estimate was 1e-4. Ghost copies are kept out of the wanted pairs (:attr:`Ritz.distinct`).
+the first pass's estimate was 1e-4. So the products must repeat to the bit: they do on the CPU; on a GPU
+some kernels (an embedding's backward, for one) accumulate in a varying order unless
+``torch.use_deterministic_algorithms(True)``. A regeneration that drifts shows as unconverged true
+residuals in the result, never as a wrong claim. Ghost copies are kept out of the wanted pairs (:attr:`Ritz.distinct`).
 So a run costs 1.7-3x the products of one with a stored basis (slower convergence without
 reorthogonalisation, and the second pass; measured on the tests' planted spectrum: 18 against 10 at a
 separated top, 306 against 102 at a clustered bottom) and holds ``5 + pairs`` vectors instead of
@@ -134,7 +137,6 @@ class TwoPassState:
         estimates = (self.coupling * coeffs[self.j - 1, :]).abs()
         return Ritz(values.to(self.dtype), coeffs.to(self.dtype), estimates.to(self.dtype),
                     distinct=_without_copies(values, estimates, self.ghost_rtol * self.norm_est))
-
 
     def log_krylov_norm(self) -> float:
         if self.coupling == 0.0 or any(b <= 0 for b in self.betas):
