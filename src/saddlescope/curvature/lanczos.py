@@ -540,10 +540,10 @@ def eigs(
     stored = getattr(torch, plan.dtype.removeprefix("torch."))
     products = 0
 
-    def apply(block: Tensor) -> Tensor:
+    def apply(block: Tensor, out_dtype: torch.dtype = dtype) -> Tensor:
         nonlocal products
         products += block.shape[1]
-        return op.matmat(block.to(op.device, op.dtype)).to(where, dtype)
+        return op.matmat(block.to(op.device, op.dtype)).to(where, out_dtype)
 
     random_start = v0 is None
     if v0 is None:
@@ -597,10 +597,14 @@ def eigs(
     opposite, opposite_value = None, None
     if far is not None:
         opposite, opposite_value = everything[:, -1].to(op.device), float(ritz.values[far])
-    # True residuals: Lanczos's estimate can be optimistic in floating point.
+    # True residuals: Lanczos's estimate can be optimistic in floating point. Column by column, in place:
+    # no n-by-k temporaries beside the product (what a run without a basis holds matters).
     confirm = apply(vectors)
-    rayleigh = (vectors * confirm).sum(0)
-    residuals = (confirm - vectors * rayleigh).norm(dim=0)
+    rayleigh = torch.stack([torch.dot(vectors[:, i], confirm[:, i]) for i in range(vectors.shape[1])])
+    for i in range(vectors.shape[1]):
+        confirm[:, i].add_(vectors[:, i], alpha=-float(rayleigh[i]))
+    residuals = confirm.norm(dim=0)
+    del confirm
     order = torch.argsort(rayleigh)
     norm_est = max(state.norm_est, float(rayleigh.abs().max()))
     return EigenResult(

@@ -84,7 +84,7 @@ class TwoPassState:
         self.ritz_at = 0
         self.krylov = True
         self.saw_invariant = False
-        self._apply: Callable[[Tensor], Tensor] | None = None
+        self._apply: Callable[..., Tensor] | None = None
 
     @property
     def full(self) -> bool:
@@ -94,13 +94,13 @@ class TwoPassState:
     def coupling(self) -> float:
         return 0.0 if (self.saw_invariant or self.j >= self.n) else self.beta
 
-    def _next(self, apply: Callable[[Tensor], Tensor], v: Tensor, previous: Tensor | None, beta: float,
+    def _next(self, apply: Callable[..., Tensor], v: Tensor, previous: Tensor | None, beta: float,
               alphas: tuple[float, float] | None = None) -> tuple[Tensor, tuple[float, float]]:
         """``A v - beta previous - alpha v``, ``alpha`` in two parts (the projection, then a local
         reorthogonalisation against ``v`` that keeps it accurate). Given ``alphas`` (the second pass), the
         same operations in the same order with the stored parts, so the regenerated vectors are the first
         pass's to the bit: after orthogonality is lost, the recurrence amplifies any difference."""
-        w = apply(v.unsqueeze(1))[:, 0].to(self.vector_dtype)
+        w = apply(v.unsqueeze(1), self.vector_dtype)[:, 0]  # the product straight into the vectors' precision
         if previous is not None:
             w.add_(previous, alpha=-beta)
         first = _dot(v, w, self.dtype) if alphas is None else alphas[0]
@@ -109,7 +109,7 @@ class TwoPassState:
         w.add_(v, alpha=-again)
         return w, (first, again)
 
-    def step(self, apply: Callable[[Tensor], Tensor]) -> None:
+    def step(self, apply: Callable[..., Tensor]) -> None:
         assert self.current is not None, "step() after vectors()"
         self._apply = apply
         w, parts = self._next(apply, self.current, self.previous, self.beta)
@@ -152,11 +152,12 @@ class TwoPassState:
         out = torch.zeros(self.n, coeffs.shape[1], dtype=self.dtype, device=self.start.device)
         previous, v = None, self.start
         for l in range(self.j):
-            out.addmm_(v.to(self.dtype).unsqueeze(1), coeffs[l : l + 1])
+            for i in range(coeffs.shape[1]):  # in place, widening as it adds: no widened copy of v
+                out[:, i].add_(v, alpha=float(coeffs[l, i]))
             if l + 1 < self.j:
                 w, _ = self._next(self._apply, v, previous, self.betas[l - 1] if l else 0.0, self.parts[l])
                 previous, v = v, w.div_(self.betas[l])
-        return out / out.norm(dim=0, keepdim=True)
+        return out.div_(out.norm(dim=0, keepdim=True))
 
 
 # Ritz values closer than this (relative to ||A||) are copies of one eigenvalue: a ghost and its original
