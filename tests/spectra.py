@@ -24,3 +24,11 @@ def log_spaced_under_a_tiny_negative(n=1000, low=1e-8, negative=-1e-6):
     """
     bulk = torch.logspace(0, math.log10(low), n - 1, dtype=torch.float64)
     return torch.cat([torch.tensor([negative], dtype=torch.float64), bulk])
+
+
+def outlier_spectrum(n=600, seed=0):
+    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
+    gen = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
+    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
+    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])

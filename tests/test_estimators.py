@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from spectra import planted
+from spectra import outlier_spectrum, planted
 from torch import nn
 
 import saddlescope as ss
@@ -103,14 +103,6 @@ def test_estimators_are_reproducible_and_check_input():
     with pytest.raises(errors.InvalidInputError):
         ss.index_estimate(op, delta=-1.0, n_probes=2, steps=5)
     assert math.isfinite(ss.trace(op, 6).value)
-
-
-def outlier_spectrum(n=600, seed=0):
-    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
-    gen = torch.Generator().manual_seed(seed)
-    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
-    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
-    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
 
 
 def test_deflating_known_pairs_sharpens_the_resolution_and_keeps_the_truth_inside_the_bars():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from spectra import log_spaced_under_a_tiny_negative, planted
+from spectra import log_spaced_under_a_tiny_negative, outlier_spectrum, planted
 from torch import nn
 
 import saddlescope as ss
@@ -231,14 +231,6 @@ def power_iteration(op, tol=1e-3, seed=0, max_iter=1000):
             return new, products
         value = new
     return value, max_iter
-
-
-def outlier_spectrum(n=600, seed=0):
-    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
-    gen = torch.Generator().manual_seed(seed)
-    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
-    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
-    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
 
 
 def test_top_one_is_judged_from_the_first_step_at_about_the_cost_of_power_iteration():

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from spectra import planted
+from spectra import outlier_spectrum, planted
 
 import saddlescope as ss
 from saddlescope import errors
@@ -16,14 +16,6 @@ from saddlescope.curvature.two_pass import two_pass_bytes
 from saddlescope.memory import available_memory
 
 F32_EPS = torch.finfo(torch.float32).eps
-
-
-def outlier_spectrum(n=600, seed=0):
-    """Five outliers up to 100 over a bulk of both signs in +-[0.01, 1] (a network-like spread)."""
-    gen = torch.Generator().manual_seed(seed)
-    bulk = torch.rand(n - 5, generator=gen, dtype=torch.float64) * 0.99 + 0.01
-    signs = torch.where(torch.rand(n - 5, generator=gen) < 0.4, -1.0, 1.0).double()
-    return torch.cat([torch.tensor([100.0, 60, 30, 20, 10]).double(), bulk * signs])
 
 
 class Diagonal:

@@ -12,7 +12,7 @@ Memory. Probes run one after another, and each probe's basis is freed before the
 never holds two bases. A probe runs the package's one Lanczos step with full reorthogonalisation when
 its basis (``(steps + 1) * n`` numbers) fits the memory budget (default: half of what is free where the
 operator lives, :func:`~saddlescope.curvature.lanczos.default_budget`); otherwise the plain three-term
-recurrence, which holds three vectors whatever ``steps`` (a 124M-parameter model at 60 steps: 1.5 GiB
+recurrence (:class:`~saddlescope.curvature.two_pass.TwoPassState`'s first pass), which holds four vectors whatever ``steps`` (a 124M-parameter model at 60 steps: 1.5 GiB
 instead of 57 GiB). The quadrature survives the lost orthogonality: the finite-precision recurrence is
 exact Lanczos on a larger matrix whose eigenvalues lie in tiny intervals around those of :math:`A`
 (Greenbaum 1989, "Behavior of slightly perturbed Lanczos and conjugate-gradient recurrences", Linear
@@ -20,7 +20,7 @@ Algebra Appl. 113), so the nodes and weights are a Gauss rule for a measure that
 one only by those intervals; converged outliers come back as repeated ("ghost") nodes that share their
 weight (Knizhnerman 1996 bounds the quadrature error of the simple recurrence). Each probe records
 which it ran (``ProbeQuadrature.reorthogonalised``); :class:`~saddlescope.errors.MemoryBudgetError`
-when not even the three vectors fit, before any product.
+when not even those fit, before any product.
 
 Deflation. When eigenpairs :math:`(\lambda_i, u_i)` are already known (the extreme pairs a verdict
 computed), the quadrature runs on :math:`PAP` restricted to the complement, :math:`P = I - UU^\top`:
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from saddlescope.curvature.basis_plan import default_budget
 from saddlescope.curvature.lanczos import lanczos_step
+from saddlescope.curvature.two_pass import TwoPassState
 from saddlescope.errors import InvalidInputError, MemoryBudgetError
 from saddlescope.memory import describe_bytes
 
@@ -180,10 +181,10 @@ def _basis_fits(op: Any, n: int, steps: int, dtype: torch.dtype, memory_budget: 
     itemsize = torch.finfo(dtype).bits // 8
     if (steps + 1 + PROBE_WORK_VECTORS) * n * itemsize <= budget:
         return True
-    least = (3 + PROBE_WORK_VECTORS) * n * itemsize
+    least = (4 + PROBE_WORK_VECTORS) * n * itemsize  # the recurrence's four vectors and the work vectors
     if least > budget:
         raise MemoryBudgetError(
-            f"stochastic Lanczos quadrature needs at least {describe_bytes(least)} ({3 + PROBE_WORK_VECTORS} "
+            f"stochastic Lanczos quadrature needs at least {describe_bytes(least)} ({4 + PROBE_WORK_VECTORS} "
             f"vectors of {n:,} {dtype} numbers) but the budget is {describe_bytes(budget)} ({source}); "
             "free memory, or pass index_probes=0 to skip the index estimate"
         )
@@ -206,25 +207,12 @@ def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: i
 
 
 def _three_term(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
-    """``T`` of ``steps`` steps of the plain recurrence
-    :math:`\beta_{j+1} v_{j+1} = A v_j - \alpha_j v_j - \beta_j v_{j-1}` (three vectors held)."""
-    alphas: list[float] = []
-    betas: list[float] = []
-    previous, v, beta, scale = torch.zeros_like(start), start, 0.0, 0.0
-    for _ in range(steps):
-        w = apply(v.unsqueeze(1))[:, 0] - beta * previous
-        alpha = float(v @ w)
-        w -= alpha * v
-        alphas.append(alpha)
-        beta = float(w.norm())
-        scale = max(scale, abs(alpha), beta)
-        if len(alphas) == steps or beta <= 1e-12 * max(scale, 1e-300):
-            break
-        betas.append(beta)
-        previous, v = v, w / beta
-    diag = torch.tensor(alphas, dtype=torch.float64)
-    off = torch.tensor(betas, dtype=torch.float64)
-    return torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1)
+    """``T`` of ``steps`` steps of the plain three-term recurrence: the first pass of
+    :class:`~saddlescope.curvature.two_pass.TwoPassState` (no basis; the quadrature needs no second)."""
+    state = TwoPassState(start, vector_dtype=start.dtype)
+    while state.j < steps and not state.full:
+        state.step(lambda block, out_dtype: apply(block).to(out_dtype))
+    return state.tridiagonal()
 
 
 def _probe_vector(n: int, index: int, seed: int, dtype: torch.dtype) -> Tensor:
