@@ -11,9 +11,9 @@ with :math:`f` a Gaussian bump this is the smoothed eigenvalue density.
 Memory. Probes run one after another, and each probe's basis is freed before the next is made, so SLQ
 never holds two bases. A probe runs the package's one Lanczos step with full reorthogonalisation when
 its basis (``(steps + 1) * n`` numbers) fits the memory budget (default: half of what is free where the
-operator lives, :func:`~saddlescope.curvature.lanczos.default_budget`); otherwise the plain three-term
-recurrence (:class:`~saddlescope.curvature.two_pass.TwoPassState`'s first pass), which holds four vectors whatever ``steps`` (a 124M-parameter model at 60 steps: 1.5 GiB
-instead of 57 GiB). The quadrature survives the lost orthogonality: the finite-precision recurrence is
+operator lives, :func:`~saddlescope.curvature.basis_plan.default_budget`); otherwise the plain three-term
+recurrence (:class:`~saddlescope.curvature.two_pass.TwoPassState`'s first pass), which holds four vectors
+whatever ``steps`` (a 124M-parameter model at 60 steps, float64: 3.7 GiB instead of 57 GiB). The quadrature survives the lost orthogonality: the finite-precision recurrence is
 exact Lanczos on a larger matrix whose eigenvalues lie in tiny intervals around those of :math:`A`
 (Greenbaum 1989, "Behavior of slightly perturbed Lanczos and conjugate-gradient recurrences", Linear
 Algebra Appl. 113), so the nodes and weights are a Gauss rule for a measure that differs from the true
