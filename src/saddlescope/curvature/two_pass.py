@@ -7,7 +7,7 @@ When not even the smallest Krylov basis fits the memory budget (:func:`~saddlesc
 
     \beta_{j+1} v_{j+1} = A v_j - \alpha_j v_j - \beta_j v_{j-1}, \qquad \alpha_j = v_j^\top A v_j,
 
-which holds three vectors whatever the number of steps, and keeps only the coefficients
+which holds four vectors (the start, two iterates, the product) whatever the number of steps, and keeps only the coefficients
 :math:`\alpha, \beta` (the tridiagonal :math:`T_j`). Its Ritz values and residual estimates
 :math:`\beta_{j+1}|s_{j,i}|` come from :math:`T_j` as with a stored basis. Without reorthogonalisation the
 vectors lose orthogonality as Ritz pairs converge; Paige (1976, "Error analysis of the Lanczos algorithm
