@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.curvature.exact import eigh_dtype, exact_spectrum
-from saddlescope.curvature.index import IndexEstimate, index_estimate
+from saddlescope.curvature.index import UNRESOLVED_SKIP, IndexEstimate, index_estimate
 from saddlescope.curvature.lanczos import EigenResult, eigs
 from saddlescope.curvature.operator import HessianOperator
 from saddlescope.display import critical_point_html
@@ -695,7 +695,7 @@ def _analyze_iterative(
         lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
         index_estimate=estimate,
         eigensolver_dtype=bottom.dtype,
-        quantities=_iterative_quantities(bottom, top, curvature_kind, estimate),
+        quantities=_iterative_quantities(bottom, top, curvature_kind, estimate, n),
         residuals=residuals,
         converged=converged,
     )
@@ -792,7 +792,7 @@ def _exact_quantities(
 
 
 def _iterative_quantities(
-    bottom: Any, top: Any, curvature_kind: str, estimate: IndexEstimate | None,
+    bottom: Any, top: Any, curvature_kind: str, estimate: IndexEstimate | None, n: int,
 ) -> dict[str, Quantity]:
     r"""The iterative path's numbers, each as what it is.
 
@@ -800,7 +800,8 @@ def _iterative_quantities(
     :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair of a run that stopped on
     convergence adds the residual bound on the other side (an interval). The fractions are the
     quadrature's estimates with their error bars, unless the verdict proves them (a minimum has no
-    eigenvalue at or below the zero threshold).
+    eigenvalue at or below the zero threshold); intervals when the estimate stopped unresolved after one
+    probe (:func:`_unresolved_quantities`).
     """
     tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
     tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
@@ -824,10 +825,12 @@ def _iterative_quantities(
     elif estimate is not None:
         how = (f"stochastic Lanczos quadrature, {estimate.n_probes} probes x {estimate.steps} steps"
                + (f", {estimate.deflated} known eigenpairs deflated" if estimate.deflated else "")
-               + ("" if estimate.reorthogonalised else ", three-term recurrence (the basis did not fit the memory budget)")
-               + f", stopped: {STOP_REASONS.get(estimate.stopped, estimate.stopped)}; error = 2 stderr + quadrature bracket")
+               + ("" if estimate.reorthogonalised else ", three-term recurrence (the basis did not fit the memory budget)"))
         if not estimate.resolved:
-            how = f"NOT RESOLVED: most of the spectrum lies within +-delta = {estimate.delta:.3g}; " + how
+            neg, zero, pos = _unresolved_quantities(estimate, how, n)
+            out.update(index=neg, min_ratio=pos, negative=neg, zero=zero, positive=pos)
+            return out
+        how += f", stopped: {STOP_REASONS.get(estimate.stopped, estimate.stopped)}; error = 2 stderr + quadrature bracket"
         neg = Quantity.estimate(estimate.value, estimate.error, f"fraction below -delta; {how}", (0.0, 1.0))
         pos = Quantity.estimate(estimate.min_ratio, estimate.min_ratio_error, f"fraction above +delta; {how}",
                                 (0.0, 1.0))
@@ -838,6 +841,40 @@ def _iterative_quantities(
         return out
     out.update(index=neg, min_ratio=pos, negative=neg, zero=zero, positive=pos)
     return out
+
+
+def _unresolved_quantities(estimate: IndexEstimate, how: str, n: int) -> tuple[Quantity, Quantity, Quantity]:
+    """The fractions of an estimate that stopped unresolved after one probe. The probe's quadrature
+    proves that at least ``b`` of *its* spectral measure lies within ``+-delta``
+    (:mod:`~saddlescope.curvature.index`); the probe's fraction estimates the spectrum's within a standard
+    deviation ``sd <= sqrt(2/n)``. So each fraction is an estimate whose range is the proved one widened by
+    ``2 sd``: within ``+-delta`` in ``[b - 2 sd, 1]``, below and above in ``[0, 1 - b + 2 sd]``; the
+    quadrature's figure is the point. One probe has no standard error (so no ``+- inf``)."""
+    bound = max(0.0, estimate.within_bound or 0.0)
+    sd = math.sqrt(2 / n)
+    planned = estimate.planned_steps or estimate.steps
+    steps = (f"after {estimate.steps} of {planned} steps" if estimate.steps < planned
+             else f"after all {planned} steps")
+    band = f"+-delta = {estimate.delta:.3g}"
+    if bound >= UNRESOLVED_SKIP:
+        said = (f"NOT RESOLVED: at least {bound:.1%} of the spectrum lies within {band} (proved for one probe's "
+                f"spectral measure by the Chebyshev-Markov-Stieltjes bracket of its quadrature {steps}")
+    else:
+        said = (f"NOT RESOLVED: one probe's quadrature puts {estimate.within:.1%} of the spectrum within {band} "
+                f"{steps} (its Chebyshev-Markov-Stieltjes bracket proves at least {bound:.1%}")
+    said += (f"; one probe estimates the spectrum's fraction within sd sqrt(2/n) = {sd:.2g}; error: the "
+             f"proved range widened by 2 sd); {how}")
+
+    def within_range(value: float, low: float, high: float, what: str) -> Quantity:
+        value = min(max(value, low), high)
+        return Quantity.estimate(value, max(value - low, high - value), f"{what}; {said}", (0.0, 1.0))
+
+    top = min(1.0, 1.0 - bound + 2 * sd)
+    neg = within_range(estimate.value, 0.0, top, "fraction below -delta")
+    pos = within_range(estimate.min_ratio, 0.0, top, "fraction above +delta")
+    zero = within_range(max(estimate.within, bound), max(0.0, bound - 2 * sd), 1.0,
+                        "fraction within +-delta (sign unresolved)")
+    return neg, zero, pos
 
 
 def sharpen_escape(

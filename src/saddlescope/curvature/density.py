@@ -29,6 +29,13 @@ probes :math:`Pz`, products :math:`P A P v`. Then :math:`z^\top P f(PAP) P z` es
 :math:`[\lambda_{min}, \lambda_{max}]` to what is left (the top outliers of a network's Hessian are
 most of its span), so the same number of nodes places an eigenvalue more finely. Each probe's
 quadrature then stands for :math:`\|Pz\|^2 / n` of the trace (``Quadrature.scale``).
+
+Stopping a probe early. ``quadrature_probe(..., stop=rule)`` hands ``rule`` the Gauss rule of the
+:math:`j \times j` tridiagonal after every step :math:`j` before the last (a ``ProbeQuadrature`` with
+``j`` nodes) and ends the probe there when it returns True; the rule of :math:`T_j` is as much a Gauss
+rule for the probe as the last one (fewer nodes), so whatever the caller proves from it stands. Both
+recurrences are driven the same way; the eigendecomposition of :math:`T_j` costs nothing next to a
+product.
 """
 
 from __future__ import annotations
@@ -120,14 +127,15 @@ def _counted(n: int, progress: Callable[[int, int], None] | None):
 @dataclass
 class ProbeQuadrature:
     """One probe's Gauss quadrature: ``nodes``, ``weights`` (summing to 1), the share of the trace it
-    stands for (``scale``), the products it cost, and whether its basis was reorthogonalised (False: the
-    three-term recurrence, when the basis did not fit the memory budget)."""
+    stands for (``scale``), the products it cost, whether its basis was reorthogonalised (False: the
+    three-term recurrence, when the basis did not fit the memory budget), and the steps it was planned for."""
 
     nodes: Tensor
     weights: Tensor
     scale: float
     hvp_count: int
     reorthogonalised: bool = True
+    planned: int = 0  # steps asked for (capped at the dimension); more than the nodes when it stopped early
 
 
 # Vectors a probe holds besides its basis: the probe, a product and the recurrence's temporaries.
@@ -137,12 +145,14 @@ PROBE_WORK_VECTORS = 4
 def quadrature_probe(
     op: Any, index: int, steps: int, *, seed: int = 0, dtype: torch.dtype = torch.float64,
     deflate: Tensor | None = None, memory_budget: int | None = None,
+    stop: Callable[[ProbeQuadrature], bool] | None = None,
 ) -> ProbeQuadrature:
     """The quadrature of probe number ``index`` of the Rademacher sequence drawn from ``seed``: the
     same probe whatever the number of probes, so an adaptive run and a fixed one agree.
 
     ``memory_budget``: bytes the probe's own vectors may hold (default: :func:`default_budget`); a full
-    basis that does not fit runs the three-term recurrence instead (module docstring)."""
+    basis that does not fit runs the three-term recurrence instead (module docstring).
+    ``stop``: given the quadrature after each step, True ends the probe there (module docstring)."""
     n = int(op.shape[0])
     steps = min(steps, n if deflate is None else n - int(deflate.shape[1]))
     reorthogonalise = _basis_fits(op, n, steps, dtype, memory_budget)
@@ -163,11 +173,22 @@ def quadrature_probe(
     start = project(z.unsqueeze(1))[:, 0]
     norm2 = float(start @ start)
     if steps < 1 or norm2 <= 0:
-        return ProbeQuadrature(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype), 0.0, 0)
+        return ProbeQuadrature(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype), 0.0, 0, planned=steps)
     start = start / math.sqrt(norm2)
-    t = _reorthogonalised(apply, start, steps) if reorthogonalise else _three_term(apply, start, steps)
+
+    def rule(t: Tensor) -> ProbeQuadrature:
+        nodes, weights = _gauss_rule(t)
+        return ProbeQuadrature(nodes, weights, norm2 / n, products, reorthogonalise, steps)
+
+    done = None if stop is None else (lambda t: stop(rule(t)))
+    run = _reorthogonalised if reorthogonalise else _three_term
+    return rule(run(apply, start, steps, done))
+
+
+def _gauss_rule(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Nodes (eigenvalues of ``T``, ascending) and weights (squared first components of its eigenvectors)."""
     theta, s = torch.linalg.eigh(0.5 * (t + t.T))
-    return ProbeQuadrature(theta.cpu(), (s[0, :] ** 2).cpu(), norm2 / n, products, reorthogonalise)
+    return theta.cpu(), (s[0, :] ** 2).cpu()
 
 
 def _basis_fits(op: Any, n: int, steps: int, dtype: torch.dtype, memory_budget: int | None) -> bool:
@@ -191,8 +212,13 @@ def _basis_fits(op: Any, n: int, steps: int, dtype: torch.dtype, memory_budget: 
     return False
 
 
-def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
-    """``T`` of ``steps`` Lanczos steps from the unit vector ``start``, full reorthogonalisation."""
+# Given the tridiagonal so far, True ends the recurrence there.
+Done = Callable[[Tensor], bool] | None
+
+
+def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int, done: Done = None) -> Tensor:
+    """``T`` of ``steps`` Lanczos steps from the unit vector ``start``, full reorthogonalisation (fewer
+    when ``done(T_j)`` says so)."""
     basis = torch.zeros(steps + 1, start.numel(), dtype=start.dtype, device=start.device)
     proj = torch.zeros(steps, steps, dtype=start.dtype, device=start.device)
     basis[0] = start
@@ -203,15 +229,21 @@ def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: i
         if beta <= 1e-12 * max(scale, 1e-300):
             m = j + 1  # invariant subspace: the quadrature is exact with m nodes
             break
+        if done is not None and j + 1 < steps and done(proj[: j + 1, : j + 1]):
+            m = j + 1
+            break
     return proj[:m, :m]
 
 
-def _three_term(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
+def _three_term(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int, done: Done = None) -> Tensor:
     """``T`` of ``steps`` steps of the plain three-term recurrence: the first pass of
-    :class:`~saddlescope.curvature.two_pass.TwoPassState` (no basis; the quadrature needs no second)."""
+    :class:`~saddlescope.curvature.two_pass.TwoPassState` (no basis; the quadrature needs no second);
+    fewer when ``done(T_j)`` says so."""
     state = TwoPassState(start, vector_dtype=start.dtype)
     while state.j < steps and not state.full:
         state.step(lambda block, out_dtype: apply(block).to(out_dtype))
+        if done is not None and state.j < steps and not state.full and done(state.tridiagonal()):
+            break
     return state.tridiagonal()
 
 

@@ -942,6 +942,15 @@ def _header(payload: dict[str, Any]) -> str:
     est = c["index_estimate"]
     if est is None:
         items += [("min ratio", _fmt(c["min_ratio"], ".4f")), ("index", _fmt(c["index"], ".4f"))]
+    elif not est.get("resolved", True) and "zero" in (c.get("quantities") or {}):
+        # One probe that proved the spectrum unresolved: intervals, no standard error to quote.
+        q = c["quantities"]
+        items += [
+            ("min ratio", f"in [0, {_fmt(q['min_ratio']['high'], '.4f')}] (fraction above +delta; not resolved)"),
+            ("index", f"in [0, {_fmt(q['index']['high'], '.4f')}] (fraction below -delta; not resolved)"),
+            ("unresolved", (f"in [{_fmt(q['zero']['low'], '.4f')}, 1] within &plusmn;delta, delta = "
+                            f"{_fmt(est['delta'], '.3g')} <span class=note>({html.escape(q['zero']['basis'])})</span>")),
+        ]
     else:
         items += [
             ("min ratio", (f"{_fmt(est['min_ratio'], '.4f')} &plusmn; {_fmt(est['min_ratio_error'], '.3f')} "
