@@ -237,6 +237,45 @@ def test_a_cpu_basis_holds_only_the_vectors_a_run_writes():
     assert peak[0] - before <= (res.hvp_count + 12) * vector
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    # glibc's dynamic mmap threshold: once a 16 MB block is freed, blocks up to that size come from the heap,
+    # where what is freed below the top stays resident. Twenty 8 MB blocks, all but the last freed: about
+    # 150 MB resident for 8 MB in use, until return_freed_memory().
+    from saddlescope.memory import return_freed_memory
+
+    if not return_freed_memory():
+        pytest.skip("no malloc_trim in this C library")
+    big = torch.ones(2 * 2**20, dtype=torch.float64)
+    del big
+    before = _rss()
+    blocks = [torch.ones(2**20, dtype=torch.float64) for _ in range(20)]
+    last = blocks.pop()
+    del blocks
+    held = _rss()
+    if held - before < 100 * 2**20:
+        pytest.skip("this allocator returned the blocks by itself (a fixed mmap threshold)")
+    assert return_freed_memory()
+    assert held - _rss() >= 100 * 2**20
+    del last
+
+
+def test_a_plan_that_economises_returns_freed_memory_after_every_product(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lanczos, "return_freed_memory", lambda: calls.append(1) or True)
+    values = outlier_spectrum()
+    for budget, returned in ((None, False), (two_pass_bytes(values.numel(), 1, vector_dtype=torch.float64,
+                                                             recurrence_dtype=torch.float64), True)):
+        calls.clear()
+        res = ss.eigs(planted(values), 1, "largest", memory_budget=budget)
+        assert (res.plan.reorthogonalisation != "full") is returned
+        assert len(calls) == (res.hvp_count if returned else 0)
+
+
 def test_on_a_gpu_the_basis_moves_to_host_memory_before_the_plan_gives_up():
     # plan_basis is a pure function of the budgets: checked here without a GPU.
     n = 10_000_000

@@ -13,6 +13,14 @@ Two measurements, both cheap enough to take at the start of every analysis:
   ``create_graph=True`` gradient records). Each storage counts once and whole (a view keeps its whole
   storage alive); storages that live on regardless of the graph (the data, fixed buffers) are left
   out. Unlike the growth of the resident set, it does not depend on what the C allocator recycles.
+
+And one remedy, :func:`return_freed_memory`, for what the C allocator does not recycle. On glibc hosts a
+freed block larger than the ``mmap`` threshold raises that threshold (up to 32 MiB), so the next
+products' temporaries of the same size come from the heap, where freed space stays in the resident set:
+a loop of Hessian-vector products on a 5M-parameter MLP (float32, 20 MB a vector) grew the resident set
+by 295-345 MB while it held 40 MB (``/tmp/mem/loop.py``, 16 products). ``malloc_trim(0)`` after each
+product hands the freed pages back (madvise) without changing the allocator's policy for the rest of
+the process; the next product faults them in again, about 5% of a product's time there.
 """
 
 from __future__ import annotations
@@ -20,10 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
+import ctypes
+import ctypes.util
+import functools
+
 import torch
 from torch import Tensor
 
-__all__ = ["SavedTensorBytes", "available_memory", "describe_bytes", "storage_keys"]
+__all__ = ["SavedTensorBytes", "available_memory", "describe_bytes", "return_freed_memory", "storage_keys"]
 
 _MEMINFO = "/proc/meminfo"
 # cgroup v2, then v1: (limit, usage) files; "max" or a huge number means no limit.
@@ -164,3 +176,26 @@ def describe_bytes(count: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def return_freed_memory() -> bool:
+    """Hand the host memory the C allocator holds free back to the system (glibc's ``malloc_trim(0)``;
+    module docstring). Returns False where there is no such call; it never frees anything in use."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -79,6 +79,7 @@ from saddlescope.curvature.stopping import (
 )
 from saddlescope.curvature.two_pass import TwoPassState
 from saddlescope.errors import InvalidInputError
+from saddlescope.memory import return_freed_memory
 
 WHICH = ("largest", "smallest", "both")
 # Default product budget: max(20 * basis size, 500), at most DEFAULT_MAX_HVPS (what a 100-vector basis
@@ -185,17 +186,19 @@ def lanczos_step(apply: Any, basis: Tensor, proj: Tensor, j: int) -> float:
     room. Returns the remainder's norm (beta).
     """
     w = apply(basis[j : j + 1].T)[:, 0]
+    if w.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
+        w = w.clone()  # an operator that hands back its input (the identity): w is changed in place below
     done = basis[: j + 1]
     coeffs = done @ w
-    w = w - done.T @ coeffs
+    w.addmv_(done.T, coeffs, alpha=-1)  # in place: no n-vector temporaries beside w
     again = done @ w
-    w = w - done.T @ again
+    w.addmv_(done.T, again, alpha=-1)
     coeffs = coeffs + again
     proj[: j + 1, j] = coeffs
     proj[j, : j + 1] = coeffs
     beta = float(w.norm())
     if j + 1 < basis.shape[0] and beta > 0:
-        basis[j + 1] = w / beta
+        torch.div(w, beta, out=basis[j + 1])
     return beta
 
 
@@ -327,19 +330,19 @@ class LanczosState:
     def _full_coarse_step(self, apply: Callable[[Tensor], Tensor]) -> float:
         """:func:`lanczos_step` on a coarse basis: float64 arithmetic, the basis read a block at a time."""
         j = self.j
-        w = apply(self.basis[j : j + 1].T.to(self.dtype))[:, 0]
+        w = apply(self.basis[j : j + 1].T)[:, 0]  # the stored row as it is: apply widens only the product
         coeffs = self._orthogonalise(w, 0, j + 1)
         coeffs += self._orthogonalise(w, 0, j + 1)
         self.proj[: j + 1, j] = coeffs
         self.proj[j, : j + 1] = coeffs
         beta = float(w.norm())
         if j + 1 < self.basis.shape[0] and beta > 0:
-            self.basis[j + 1] = w / beta
+            self.basis[j + 1] = w.div_(beta)  # in place: w is done with
         return beta
 
     def _partial_step(self, apply: Callable[[Tensor], Tensor]) -> float:
         j = self.j
-        w = apply(self.basis[j : j + 1].T.to(self.dtype))[:, 0]
+        w = apply(self.basis[j : j + 1].T)[:, 0]
         lo = max(j - 1, 0)  # the three-term recurrence (partial reorthogonalisation ends at a restart)
         coeffs = self._orthogonalise(w, lo, j + 1)
         coeffs += self._orthogonalise(w, lo, j + 1)  # twice is enough
@@ -364,7 +367,7 @@ class LanczosState:
         self._force = lost and not forced
         self._set_omega(j + 1, new)
         if j + 1 < self.basis.shape[0] and beta > 0:
-            self.basis[j + 1] = w / beta
+            self.basis[j + 1] = w.div_(beta)  # in place: w is done with
         return beta
 
     # -------------------------------------------------------------------------------------------------
@@ -426,7 +429,7 @@ class LanczosState:
             per = self._block_columns(self.j)
             for c0 in range(0, self.n, per):
                 vectors[c0 : c0 + per] = self.basis[: self.j, c0 : c0 + per].to(self.dtype).T @ coeffs
-        return vectors / vectors.norm(dim=0, keepdim=True)
+        return vectors.div_(vectors.norm(dim=0, keepdim=True))  # in place: no second n-by-k copy
 
 
 def restart_set(ritz: Ritz, k: int, which: str, size: int, converged: Tensor) -> Tensor:
@@ -540,10 +543,17 @@ def eigs(
     stored = getattr(torch, plan.dtype.removeprefix("torch."))
     products = 0
 
+    # A plan that had to economise returns what the allocator holds free after every product
+    # (saddlescope.memory.return_freed_memory: otherwise the products' freed temporaries stay resident).
+    lean = plan.reorthogonalisation != "full" and where.type == "cpu"
+
     def apply(block: Tensor, out_dtype: torch.dtype = dtype) -> Tensor:
         nonlocal products
         products += block.shape[1]
-        return op.matmat(block.to(op.device, op.dtype)).to(where, out_dtype)
+        out = op.matmat(block.to(op.device, op.dtype)).to(where, out_dtype)
+        if lean:
+            return_freed_memory()
+        return out
 
     random_start = v0 is None
     if v0 is None:
@@ -597,6 +607,9 @@ def eigs(
     opposite, opposite_value = None, None
     if far is not None:
         opposite, opposite_value = everything[:, -1].to(op.device), float(ritz.values[far])
+    # The basis is done with: let it go before the confirming product, so the two never coexist.
+    restarts, reorthogonalisations, norm_est = state.restarts, state.reorthogonalisations, state.norm_est
+    del state
     # True residuals: Lanczos's estimate can be optimistic in floating point. Column by column, in place:
     # no n-by-k temporaries beside the product (what a run without a basis holds matters).
     confirm = apply(vectors)
@@ -606,7 +619,7 @@ def eigs(
     residuals = confirm.norm(dim=0)
     del confirm
     order = torch.argsort(rayleigh)
-    norm_est = max(state.norm_est, float(rayleigh.abs().max()))
+    norm_est = max(norm_est, float(rayleigh.abs().max()))
     return EigenResult(
         eigenvalues=rayleigh[order].to(op.device),
         eigenvectors=vectors[:, order].to(op.device),
@@ -614,7 +627,7 @@ def eigs(
         converged=(residuals[order] <= rule.bound(rayleigh[order], norm_est)).cpu(),
         spectral_norm=norm_est,
         hvp_count=products,
-        restarts=state.restarts,
+        restarts=restarts,
         which=which,
         tol=tol,
         stopped_early=stop == "certificate",
@@ -624,7 +637,7 @@ def eigs(
         operator_dtype=str(op.dtype),
         plan=plan,
         guard=guard,
-        reorthogonalisations=state.reorthogonalisations,
+        reorthogonalisations=reorthogonalisations,
         opposite=opposite,
         opposite_ritz_value=opposite_value,
     )
