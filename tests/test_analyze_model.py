@@ -149,8 +149,10 @@ def test_hugging_face_gpt2_from_config_with_dict_inputs():
     # Targets that are the input tokens: "auto" must not pick unshifted cross-entropy.
     assert resolve_loss("auto", model, batches[0])[1] == "lm"
     generator = (batch for batch in batches)  # a one-shot iterator is read once and kept
-    assert ss.analyze_model(model, generator, dtype="float64", method="lanczos", k=1).point.loss == pytest.approx(
-        result.point.loss, rel=1e-12)
+    again = ss.analyze_model(model, generator, dtype="float64", method="lanczos", k=1, memory_budget="2MB")
+    assert again.point.loss == pytest.approx(result.point.loss, rel=1e-12)
+    # A memory budget in words reaches the eigensolver's plan and the record.
+    assert again.point.lanczos["top"]["plan"]["budget"] == again.settings["memory_budget"] == 2_000_000
 
 
 def test_lightning_module_is_differentiated_through_its_training_step():

@@ -32,6 +32,19 @@ def test_analyze_with_lanczos():
     assert out["hvp_count"] == out["lanczos"]["top"]["hvp_count"] + out["lanczos"]["bottom"]["hvp_count"]
 
 
+def test_analyze_takes_a_memory_budget_in_words():
+    res = run("analyze", "--problem", "saddle-quadratic", "--method", "lanczos", "-k", "1", "--index-probes", "0",
+              "--memory-budget", "1.5MB", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    plan = out["lanczos"]["top"]["plan"]
+    assert (plan["budget"], plan["budget_source"]) == (1_500_000, "memory_budget") and out["kind"] == "saddle"
+    for budget, message in (("lots", "memory_budget: not a number of bytes: 'lots'"),
+                            ("8B", "does not fit the memory budget")):
+        res = run("analyze", "--problem", "saddle-quadratic", "--method", "lanczos", "--memory-budget", budget)
+        assert res.returncode != 0 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_analyze_by_module_gives_every_layer_and_a_chart(tmp_path):
     chart = tmp_path / "blocks.png"
     res = run("analyze", "--problem", "digits-mlp", "--method", "exact", "--by", "module", "--plot", str(chart), "--json")

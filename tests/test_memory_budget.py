@@ -237,6 +237,16 @@ def test_a_cpu_basis_holds_only_the_vectors_a_run_writes():
     assert peak[0] - before <= (res.hvp_count + 12) * vector
 
 
+def test_a_budget_reads_as_people_write_it():
+    from saddlescope.memory import parse_bytes
+
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("500 MB") == 500 * 10**6
+    assert parse_bytes("1.5G") == 1_500_000_000 and parse_bytes("2e9") == 2 * 10**9 and parse_bytes(4096) == 4096
+    for bad in ("lots", "-1GB", "8 parsecs", ""):
+        with pytest.raises(ValueError, match="not a number of bytes"):
+            parse_bytes(bad)
+
+
 def _rss() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))

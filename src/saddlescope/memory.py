@@ -31,11 +31,13 @@ from typing import Any, Self
 import ctypes
 import ctypes.util
 import functools
+import re
 
 import torch
 from torch import Tensor
 
-__all__ = ["SavedTensorBytes", "available_memory", "describe_bytes", "return_freed_memory", "storage_keys"]
+__all__ = ["SavedTensorBytes", "available_memory", "describe_bytes", "parse_bytes", "return_freed_memory",
+           "storage_keys"]
 
 _MEMINFO = "/proc/meminfo"
 # cgroup v2, then v1: (limit, usage) files; "max" or a huge number means no limit.
@@ -164,6 +166,26 @@ class SavedTensorBytes:
 
 def _unpack(tensor: Tensor) -> Tensor:
     return tensor
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """A number of bytes from a person: ``"8GiB"``, ``"500 MB"``, ``"1.5G"`` (decimal units, KiB/MiB/GiB
+    binary) or a plain count. Raises ``ValueError`` with what is accepted."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if found is None or found.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a number of bytes: {text!r} (e.g. 8GiB, 500MB, 1.5G, 2000000000)")
+        value, unit = float(found.group(1)), found.group(2).lower()
+    count = value * _UNITS[unit]
+    if not (count >= 0 and count < 2**63):
+        raise ValueError(f"not a number of bytes: {text!r}")
+    return int(count)
 
 
 def describe_bytes(count: int | None) -> str:

@@ -31,6 +31,7 @@ from saddlescope.loading import (
     load_checkpoint,
     model_objective,
 )
+from saddlescope.memory import parse_bytes
 from saddlescope.objective import Objective
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -115,6 +116,7 @@ def analyze_model(
     method: str = "auto",
     k: int = 10,
     index_probes: int = 5,
+    memory_budget: int | str | None = None,
     by: str | None = None,
     grad_tol: float | None = None,
     rtol: float | None = None,
@@ -142,6 +144,9 @@ def analyze_model(
         k: eigenpairs at each end on the iterative path.
         index_probes: iterative path: at most this many probes for the index estimate; 0 skips it (the
             verdict alone, which needs none: see :func:`saddlescope.analyze`).
+        memory_budget: iterative path: bytes each eigensolver run and each index probe may hold, a count
+            or a text such as ``"8GiB"`` (default: half of what is free where the model lives); the plan it
+            chose is in the report (:mod:`saddlescope.curvature.basis_plan`).
         by: also per-block curvature: ``"module"`` or ``"parameter"``.
         grad_tol, rtol, atol: tolerances (default by dtype).
         seed: for every random choice; recorded.
@@ -164,6 +169,7 @@ def analyze_model(
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
+    memory_budget = _budget(memory_budget)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise InvalidInputError(f"out {str(out)!r} is a file; give a folder for the report")
 
@@ -181,12 +187,13 @@ def analyze_model(
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     try:
         point = analyze_point(objective, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol,
-                              seed=seed, index_probes=index_probes, progress=stage("hessian products"))
+                              seed=seed, index_probes=index_probes, memory_budget=memory_budget,
+                              progress=stage("hessian products"))
     except TooLargeError as exc:
         raise TooLargeError(f"{exc} (on the command line: --method lanczos)") from exc
     blocks = per_block(objective, by=by, rtol=rtol, seed=seed) if by is not None else None
-    settings = {"method": method, "k": k, "index_probes": index_probes, "by": by, "seed": seed,
-                "dtype": str(objective.dtype),
+    settings = {"method": method, "k": k, "index_probes": index_probes, "memory_budget": memory_budget, "by": by,
+                "seed": seed, "dtype": str(objective.dtype),
                 "max_batches": max_batches, "loss": objective.description.get("loss")}
     if command is not None:
         settings["command"] = command
@@ -194,6 +201,16 @@ def analyze_model(
     if out is not None:
         result.files = write_model_report(result, out, command=command, progress=stage("report"))
     return result
+
+
+def _budget(memory_budget: int | str | None) -> int | None:
+    """``memory_budget`` as bytes (a count or a text such as ``"8GiB"``), or a clear error."""
+    if memory_budget is None:
+        return None
+    try:
+        return parse_bytes(memory_budget)
+    except ValueError as exc:
+        raise InvalidInputError(f"memory_budget: {exc}") from None
 
 
 def write_model_report(result: ModelAnalysis, out: str | os.PathLike[str], *, command: str | None = None,
