@@ -52,7 +52,7 @@ from saddlescope.curvature.basis_plan import default_budget
 from saddlescope.curvature.lanczos import lanczos_step
 from saddlescope.curvature.two_pass import TwoPassState
 from saddlescope.errors import InvalidInputError, MemoryBudgetError
-from saddlescope.memory import describe_bytes
+from saddlescope.memory import describe_bytes, return_freed_memory
 
 
 @dataclass
@@ -168,7 +168,10 @@ def quadrature_probe(
     def apply(block: Tensor) -> Tensor:
         nonlocal products
         products += block.shape[1]
-        return project(op.matmat(project(block).to(op.dtype)).to(dtype))
+        out = project(op.matmat(project(block).to(op.dtype)).to(dtype))
+        if not reorthogonalise and torch.device(op.device).type == "cpu":
+            return_freed_memory()  # memory is short: the product's freed temporaries go back (memory.py)
+        return out
 
     start = project(z.unsqueeze(1))[:, 0]
     norm2 = float(start @ start)
@@ -219,7 +222,9 @@ Done = Callable[[Tensor], bool] | None
 def _reorthogonalised(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int, done: Done = None) -> Tensor:
     """``T`` of ``steps`` Lanczos steps from the unit vector ``start``, full reorthogonalisation (fewer
     when ``done(T_j)`` says so)."""
-    basis = torch.zeros(steps + 1, start.numel(), dtype=start.dtype, device=start.device)
+    # Empty, not zeros: on the CPU the pages of rows never written (a probe that stops early) are never
+    # committed; every row is written before it is read.
+    basis = torch.empty(steps + 1, start.numel(), dtype=start.dtype, device=start.device)
     proj = torch.zeros(steps, steps, dtype=start.dtype, device=start.device)
     basis[0] = start
     m, scale = steps, 0.0
