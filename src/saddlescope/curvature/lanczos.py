@@ -516,22 +516,8 @@ def eigs(
     Raises:
         MemoryBudgetError: not even the smallest useful basis fits the budget (before any product).
     """
-    if which not in WHICH:
-        raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
     n = int(op.shape[0])
-    want = 2 * k if which == "both" else k
-    if not (isinstance(k, int) and 1 <= k and want <= n):
-        raise InvalidInputError(f"k = {k} pairs ({which}) do not fit an operator of dimension {n}")
-    if not (tol > 0):
-        raise InvalidInputError(f"tol must be positive, got {tol}")
-    if relative_to not in ("norm", "value"):
-        raise InvalidInputError(f"relative_to must be 'norm' or 'value', got {relative_to!r}")
-    if atol is not None and not (atol >= 0):
-        raise InvalidInputError(f"atol must be >= 0, got {atol}")
-    if not (0 < miss_probability < 1):
-        raise InvalidInputError(f"miss_probability must lie in (0, 1), got {miss_probability}")
-    if krylov_dim is not None and min(n, krylov_dim) < min(n, want + 2):
-        raise InvalidInputError(f"krylov_dim = {min(n, krylov_dim)} is too small for {want} pairs; use at least {want + 2}")
+    want = _checked(n, k, which, tol, relative_to, atol, miss_probability, krylov_dim)
     plan = budget_plan(op, n, want, memory_budget=memory_budget, krylov_dim=krylov_dim, basis_dtype=basis_dtype,
                         dtype=dtype)
     two_pass = plan.reorthogonalisation == TWO_PASS
@@ -539,63 +525,24 @@ def eigs(
     budget = max_hvps if max_hvps is not None else min(DEFAULT_MAX_HVPS, max(20 * m_max, 500))
     if budget < 1:
         raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
-    where = torch.device(plan.device)
     stored = getattr(torch, plan.dtype.removeprefix("torch."))
-    products = 0
-
-    # A plan that had to economise returns what the allocator holds free after every product
-    # (saddlescope.memory.return_freed_memory: otherwise the products' freed temporaries stay resident).
-    lean = plan.reorthogonalisation != "full" and where.type == "cpu"
-
-    def apply(block: Tensor, out_dtype: torch.dtype = dtype) -> Tensor:
-        nonlocal products
-        products += block.shape[1]
-        out = op.matmat(block.to(op.device, op.dtype)).to(where, out_dtype)
-        if lean:
-            return_freed_memory()
-        return out
-
+    apply = CountedProduct(op, torch.device(plan.device), dtype, lean=plan.reorthogonalisation != "full")
     random_start = v0 is None
     if v0 is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        v0 = torch.randn(n, generator=gen, dtype=dtype)
-    v = v0.to(where, dtype)
+        v0 = torch.randn(n, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=dtype)
+    v = v0.to(apply.where, dtype)
     if float(v.norm()) == 0:
         raise InvalidInputError("v0 must be non-zero")
     coarse = torch.finfo(stored).bits < torch.finfo(dtype).bits
-    if coarse:
-        floor = max(VALUE_FLOOR_EPS * torch.finfo(op.dtype).eps, COARSE_FLOOR_EPS * torch.finfo(stored).eps)
-    else:
-        floor = VALUE_FLOOR_EPS * torch.finfo(op.dtype).eps
     rule = StoppingRule(
         k=k, which=which, tol=tol, relative_to=relative_to, atol=atol,
-        value_floor=floor, stop_below=stop_below, budget=budget,
+        value_floor=_value_floor(op.dtype, stored, coarse), stop_below=stop_below, budget=budget,
         min_dim=min(n, m_max, max(2 * want + 1, 20)), n=n,
         miss_probability=miss_probability if random_start else None, coarse_basis=coarse,
     )
     state: LanczosState | TwoPassState
-    if two_pass:
-        state = TwoPassState(v, vector_dtype=stored)
-    else:
-        state = LanczosState(v, m_max, seed, basis_dtype=stored)
-    while True:
-        if not state.full and products < budget:
-            state.step(apply)
-            if progress is not None:
-                progress(products, budget)
-        if not rule.due(state, products):
-            continue
-        ritz = state.ritz()
-        stop = rule.reason(state, ritz, products)
-        if stop is not None:
-            break
-        if state.full and two_pass:
-            stop = "exhausted"  # the recurrence broke down: its Krylov space is invariant, its Ritz pairs exact
-            break
-        if state.full:
-            converged = ritz.estimates <= rule.bound(ritz.values, state.norm_est)
-            state.restart(ritz, restart_set(ritz, k, which, m_max, converged))
-
+    state = TwoPassState(v, vector_dtype=stored) if two_pass else LanczosState(v, m_max, seed, basis_dtype=stored)
+    ritz, stop = _iterate(state, rule, apply, k, which, m_max, progress)
     guard = rule.report(state, ritz, stop)
     # The wanted Ritz vectors, and the far end's (one call: a two-pass state spends a pass on it).
     picked = wanted(ritz.values, k, which, ritz.distinct)
@@ -610,14 +557,7 @@ def eigs(
     # The basis is done with: let it go before the confirming product, so the two never coexist.
     restarts, reorthogonalisations, norm_est = state.restarts, state.reorthogonalisations, state.norm_est
     del state
-    # True residuals: Lanczos's estimate can be optimistic in floating point. Column by column, in place:
-    # no n-by-k temporaries beside the product (what a run without a basis holds matters).
-    confirm = apply(vectors)
-    rayleigh = torch.stack([torch.dot(vectors[:, i], confirm[:, i]) for i in range(vectors.shape[1])])
-    for i in range(vectors.shape[1]):
-        confirm[:, i].add_(vectors[:, i], alpha=-float(rayleigh[i]))
-    residuals = confirm.norm(dim=0)
-    del confirm
+    rayleigh, residuals = _confirmed(apply, vectors)
     order = torch.argsort(rayleigh)
     norm_est = max(norm_est, float(rayleigh.abs().max()))
     return EigenResult(
@@ -626,7 +566,7 @@ def eigs(
         residuals=residuals[order].to(op.device),
         converged=(residuals[order] <= rule.bound(rayleigh[order], norm_est)).cpu(),
         spectral_norm=norm_est,
-        hvp_count=products,
+        hvp_count=apply.products,
         restarts=restarts,
         which=which,
         tol=tol,
@@ -641,6 +581,87 @@ def eigs(
         opposite=opposite,
         opposite_ritz_value=opposite_value,
     )
+
+
+def _checked(n: int, k: int, which: str, tol: float, relative_to: str, atol: float | None,
+             miss_probability: float, krylov_dim: int | None) -> int:
+    """:func:`eigs`'s arguments checked (clear errors before any product); the pairs wanted in all."""
+    if which not in WHICH:
+        raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
+    want = 2 * k if which == "both" else k
+    if not (isinstance(k, int) and 1 <= k and want <= n):
+        raise InvalidInputError(f"k = {k} pairs ({which}) do not fit an operator of dimension {n}")
+    if not (tol > 0):
+        raise InvalidInputError(f"tol must be positive, got {tol}")
+    if relative_to not in ("norm", "value"):
+        raise InvalidInputError(f"relative_to must be 'norm' or 'value', got {relative_to!r}")
+    if atol is not None and not (atol >= 0):
+        raise InvalidInputError(f"atol must be >= 0, got {atol}")
+    if not (0 < miss_probability < 1):
+        raise InvalidInputError(f"miss_probability must lie in (0, 1), got {miss_probability}")
+    if krylov_dim is not None and min(n, krylov_dim) < min(n, want + 2):
+        raise InvalidInputError(f"krylov_dim = {min(n, krylov_dim)} is too small for {want} pairs; use at least {want + 2}")
+    return want
+
+
+def _value_floor(op_dtype: torch.dtype, stored: torch.dtype, coarse: bool) -> float:
+    """The relative residual floor (times ``max|lambda|``): where products in the operator's precision,
+    or a coarse basis, stop improving residuals."""
+    floor = VALUE_FLOOR_EPS * torch.finfo(op_dtype).eps
+    return max(floor, COARSE_FLOOR_EPS * torch.finfo(stored).eps) if coarse else floor
+
+
+class CountedProduct:
+    """``A V`` as the eigensolver takes it: onto the operator's device and precision and back to where the
+    basis lives (``where``) in the recurrence's, counting products. ``lean``: a plan that had to economise,
+    which on the host hands what the allocator holds free back after every product
+    (:func:`saddlescope.memory.return_freed_memory`: otherwise the products' freed temporaries stay
+    resident)."""
+
+    def __init__(self, op: Any, where: torch.device, dtype: torch.dtype, *, lean: bool) -> None:
+        self.op, self.where, self.dtype = op, where, dtype
+        self.lean = lean and where.type == "cpu"
+        self.products = 0
+
+    def __call__(self, block: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        self.products += block.shape[1]
+        out = self.op.matmat(block.to(self.op.device, self.op.dtype)).to(self.where, out_dtype or self.dtype)
+        if self.lean:
+            return_freed_memory()
+        return out
+
+
+def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: CountedProduct, k: int, which: str,
+             m_max: int, progress: Callable[[int, int], None] | None) -> tuple[Ritz, str]:
+    """Step, and restart when the basis is full, until the stopping rule (or a broken-down two-pass
+    recurrence) ends the run; the last Rayleigh–Ritz pairs and why it stopped."""
+    while True:
+        if not state.full and apply.products < rule.budget:
+            state.step(apply)
+            if progress is not None:
+                progress(apply.products, rule.budget)
+        if not rule.due(state, apply.products):
+            continue
+        ritz = state.ritz()
+        stop = rule.reason(state, ritz, apply.products)
+        if stop is not None:
+            return ritz, stop
+        if state.full and isinstance(state, TwoPassState):
+            return ritz, "exhausted"  # the recurrence broke down: its Krylov space is invariant, its Ritz pairs exact
+        if state.full:
+            converged = ritz.estimates <= rule.bound(ritz.values, state.norm_est)
+            state.restart(ritz, restart_set(ritz, k, which, m_max, converged))
+
+
+def _confirmed(apply: CountedProduct, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Rayleigh quotients and true residual norms of unit ``vectors`` (Lanczos's estimates can be
+    optimistic in floating point): one product, then column by column in place (no n-by-k temporaries
+    beside it: what a run without a basis holds matters)."""
+    confirm = apply(vectors)
+    rayleigh = torch.stack([torch.dot(vectors[:, i], confirm[:, i]) for i in range(vectors.shape[1])])
+    for i in range(vectors.shape[1]):
+        confirm[:, i].add_(vectors[:, i], alpha=-float(rayleigh[i]))
+    return rayleigh, confirm.norm(dim=0)
 
 
 __all__ = [
