@@ -550,6 +550,40 @@ def _not_critical(grad_norm: float, grad_tol: float, negative: float | None) -> 
     return "not_critical", "gradient", reason
 
 
+def _both_ends(op: HessianOperator, k: int, *, rtol: float, atol: float, eig_tol: float, max_hvps: int | None,
+               seed: int, stop_at_certificate: bool, progress: Callable[[int, int], None] | None,
+               memory_budget: int | None, seconds: dict[str, float]) -> tuple[EigenResult, EigenResult]:
+    """The top ``k`` pairs, then the bottom end: from the top run's far Ritz vector when that settles it
+    (:func:`_bottom_from_top`), else a bottom run that stops at the first certificate of negative
+    curvature, continued to convergence unless ``stop_at_certificate``. Each stage's seconds go into
+    ``seconds``."""
+    t0 = time.perf_counter()
+    top = eigs(op, k, "largest", tol=eig_tol, max_hvps=max_hvps, seed=seed, progress=progress,
+               memory_budget=memory_budget)
+    seconds["top"] = time.perf_counter() - t0
+    threshold = rtol * top.spectral_norm + atol
+    t0 = time.perf_counter()
+    options: dict[str, Any] = dict(
+        tol=eig_tol, relative_to="value", atol=0.25 * threshold, max_hvps=max_hvps, progress=progress,
+        memory_budget=memory_budget,
+    )
+    bottom = _bottom_from_top(op, top, threshold, **options)
+    if bottom is None:
+        bottom = eigs(op, k, "smallest", seed=seed + 1, stop_below=-threshold, **options)
+    if bottom.stopped_early and not stop_at_certificate:
+        spent = bottom.hvp_count
+        bottom = eigs(op, k, "smallest", v0=bottom.eigenvectors[:, 0], **options)
+        bottom.hvp_count += spent
+    seconds["bottom"] = time.perf_counter() - t0
+    return top, bottom
+
+
+# How a critical point's curvature kind was settled on the iterative path (a saddle from a stopped-early
+# bottom run: "certificate").
+_RESOLVED_BY = {"saddle": "eigenvalues", "minimum": "eigenvalues", "maximum": "eigenvalues",
+                "degenerate": "unresolved", "inconclusive": "unresolved"}
+
+
 def _analyze_iterative(
     objective: Objective,
     theta: Tensor,
@@ -596,28 +630,12 @@ def _analyze_iterative(
     n = op.shape[0]
     k_end = max(1, min(k, n // 2))
 
-    t0 = time.perf_counter()
-    top = eigs(op, k_end, "largest", tol=eig_tol, max_hvps=max_hvps, seed=seed, progress=progress,
-               memory_budget=memory_budget)
-    seconds["top"] = time.perf_counter() - t0
-    scale = top.spectral_norm
-    threshold = rtol * scale + atol
-    t0 = time.perf_counter()
-    bottom_opts: dict[str, Any] = dict(
-        tol=eig_tol, relative_to="value", atol=0.25 * threshold, max_hvps=max_hvps, progress=progress,
-        memory_budget=memory_budget,
-    )
-    bottom = _bottom_from_top(op, top, threshold, **bottom_opts)
-    if bottom is None:
-        bottom = eigs(op, k_end, "smallest", seed=seed + 1, stop_below=-threshold, **bottom_opts)
-    if bottom.stopped_early and not stop_at_certificate:
-        spent = bottom.hvp_count
-        bottom = eigs(op, k_end, "smallest", v0=bottom.eigenvectors[:, 0], **bottom_opts)
-        bottom.hvp_count += spent
-    seconds["bottom"] = time.perf_counter() - t0
+    top, bottom = _both_ends(op, k_end, rtol=rtol, atol=atol, eig_tol=eig_tol, max_hvps=max_hvps, seed=seed,
+                             stop_at_certificate=stop_at_certificate, progress=progress,
+                             memory_budget=memory_budget, seconds=seconds)
     # The zero threshold on the scale of everything seen (a large negative end raises it; a
     # negative Rayleigh quotient below -threshold stays below it, since rtol < 1).
-    scale = max(scale, bottom.spectral_norm)
+    scale = max(top.spectral_norm, bottom.spectral_norm)
     threshold = rtol * scale + atol
     tolerances = Tolerances(grad_tol, rtol, atol, threshold, radii)
 
@@ -654,14 +672,9 @@ def _analyze_iterative(
     if grad_norm > grad_tol:
         kind, resolved_by, reason = _not_critical(grad_norm, grad_tol, tb if has_neg else None)
     else:
-        kind = curvature_kind
-        resolved_by = {
-            "saddle": "certificate" if bottom.stopped_early else "eigenvalues",
-            "minimum": "eigenvalues",
-            "maximum": "eigenvalues",
-            "degenerate": "unresolved",
-            "inconclusive": "unresolved",
-        }[curvature_kind]
+        kind, resolved_by = curvature_kind, _RESOLVED_BY[curvature_kind]
+        if kind == "saddle" and bottom.stopped_early:
+            resolved_by = "certificate"
     runs = (bottom, top) if n > 1 else (bottom,)
     vals, order = torch.sort(torch.cat([r.eigenvalues.to(torch.float64).cpu() for r in runs]))
     residuals = torch.cat([r.residuals.to(torch.float64).cpu() for r in runs])[order]
