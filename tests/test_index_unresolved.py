@@ -29,8 +29,11 @@ def spectrum_of(op):
 
 
 def probe_outside(values, vectors, z, delta, keep=None):
-    """The exact weight ``sum (q_i . z)^2`` of the eigenpairs outside ``[-delta, delta]`` (``keep``: only those)."""
-    outside = (values < -delta) | (values > delta)
+    """The exact weight ``sum (q_i . z)^2`` of the eigenpairs outside ``[-delta, delta]`` (``keep``: only those).
+    An eigenvalue on the edge (``delta`` equal to it up to rounding: eigh's and the quadrature's differ in
+    the last bits) counts as inside, as the bound may take it."""
+    edge = delta * (1 + 1e-9)
+    outside = (values < -edge) | (values > edge)
     if keep is not None:
         outside = outside & keep
     return float(((vectors.T @ z) ** 2)[outside].sum())
@@ -57,7 +60,7 @@ def test_a_tiny_bulk_is_proved_unresolved_before_the_probe_ends(path):
     assert est.within_bound <= exact + 1e-12, (est.within_bound, exact)
     # The band proved lies inside the one the full probe would have used (its span / steps).
     full = ss.index_estimate(op, n_probes=1, steps=steps, seed=seed, memory_budget=budget)
-    assert full.hvp_count == steps and est.delta <= full.delta
+    assert full.hvp_count == steps and est.delta <= full.delta * (1 + 1e-12)  # interlacing, up to rounding
 
 
 @pytest.mark.parametrize("path", LEAN)

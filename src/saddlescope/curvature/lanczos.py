@@ -77,7 +77,7 @@ from saddlescope.curvature.stopping import (
     random_start_miss,
     wanted,
 )
-from saddlescope.curvature.two_pass import TwoPassState
+from saddlescope.curvature.two_pass import TwoPassState, widened_dot
 from saddlescope.errors import InvalidInputError
 from saddlescope.memory import return_freed_memory
 
@@ -542,6 +542,7 @@ def eigs(
     )
     state: LanczosState | TwoPassState
     state = TwoPassState(v, vector_dtype=stored) if two_pass else LanczosState(v, m_max, seed, basis_dtype=stored)
+    del v, v0  # the state holds its own (normalised) copy: a float64 vector less for the whole run
     ritz, stop = _iterate(state, rule, apply, k, which, m_max, progress)
     guard = rule.report(state, ritz, stop)
     # The wanted Ritz vectors, and the far end's (one call: a two-pass state spends a pass on it).
@@ -655,13 +656,19 @@ def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: Coun
 
 def _confirmed(apply: CountedProduct, vectors: Tensor) -> tuple[Tensor, Tensor]:
     """Rayleigh quotients and true residual norms of unit ``vectors`` (Lanczos's estimates can be
-    optimistic in floating point): one product, then column by column in place (no n-by-k temporaries
-    beside it: what a run without a basis holds matters)."""
-    confirm = apply(vectors)
-    rayleigh = torch.stack([torch.dot(vectors[:, i], confirm[:, i]) for i in range(vectors.shape[1])])
+    optimistic in floating point): one product, held in the vectors' precision (float32 Ritz vectors of a
+    two-pass run: a float32 operator's product loses nothing there), then column by column in place (no
+    n-by-k temporaries beside it: what a run without a basis holds matters), the sums accumulated in the
+    recurrence's precision (``apply.dtype``)."""
+    confirm = apply(vectors, vectors.dtype)
+    rayleigh, residuals = [], []
     for i in range(vectors.shape[1]):
-        confirm[:, i].add_(vectors[:, i], alpha=-float(rayleigh[i]))
-    return rayleigh, confirm.norm(dim=0)
+        rayleigh.append(widened_dot(vectors[:, i], confirm[:, i], apply.dtype))
+        confirm[:, i].add_(vectors[:, i], alpha=-rayleigh[-1])
+        residuals.append(math.sqrt(max(widened_dot(confirm[:, i], confirm[:, i], apply.dtype), 0.0)))
+    device = vectors.device
+    return (torch.tensor(rayleigh, dtype=apply.dtype, device=device),
+            torch.tensor(residuals, dtype=apply.dtype, device=device))
 
 
 __all__ = [

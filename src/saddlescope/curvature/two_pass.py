@@ -43,7 +43,7 @@ from torch import Tensor
 
 from saddlescope.curvature.ritz import Ritz
 
-__all__ = ["TWO_PASS_VECTORS", "TwoPassState", "two_pass_bytes"]
+__all__ = ["TWO_PASS_VECTORS", "TwoPassState", "two_pass_bytes", "widened_dot"]
 
 # Vectors of length n the recurrence holds (start, previous, current, the product) besides the Ritz
 # vectors it accumulates in the second pass; and, in the recurrence's precision, the product's conversion
@@ -103,9 +103,9 @@ class TwoPassState:
         w = apply(v.unsqueeze(1), self.vector_dtype)[:, 0]  # the product straight into the vectors' precision
         if previous is not None:
             w.add_(previous, alpha=-beta)
-        first = _dot(v, w, self.dtype) if alphas is None else alphas[0]
+        first = widened_dot(v, w, self.dtype) if alphas is None else alphas[0]
         w.add_(v, alpha=-first)
-        again = _dot(v, w, self.dtype) if alphas is None else alphas[1]
+        again = widened_dot(v, w, self.dtype) if alphas is None else alphas[1]
         w.add_(v, alpha=-again)
         return w, (first, again)
 
@@ -149,10 +149,12 @@ class TwoPassState:
         assert self._apply is not None, "vectors() before any step"
         coeffs = ritz.coeffs[:, idx].to(self.dtype)
         self.previous = self.current = None  # the first pass is done with them: free their memory
-        out = torch.zeros(self.n, coeffs.shape[1], dtype=self.dtype, device=self.start.device)
+        # Summed in the vectors' precision: float32 vectors give Ritz vectors good to about j * eps(float32),
+        # below the coarse residual floor such a plan has (COARSE_FLOOR_EPS), in half the memory.
+        out = torch.zeros(self.n, coeffs.shape[1], dtype=self.vector_dtype, device=self.start.device)
         previous, v = None, self.start
         for l in range(self.j):
-            for i in range(coeffs.shape[1]):  # in place, widening as it adds: no widened copy of v
+            for i in range(coeffs.shape[1]):  # in place: no copy of v
                 out[:, i].add_(v, alpha=float(coeffs[l, i]))
             if l + 1 < self.j:
                 w, _ = self._next(self._apply, v, previous, self.betas[l - 1] if l else 0.0, self.parts[l])
@@ -183,7 +185,7 @@ def _without_copies(values: Tensor, estimates: Tensor, tol: float) -> Tensor:
 DOT_CHUNK = 2**20
 
 
-def _dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> float:
+def widened_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> float:
     """``a . b`` accumulated in ``dtype``, a chunk at a time (no full-length widened copies)."""
     if a.dtype == dtype:
         return float(torch.dot(a, b.to(dtype)))
