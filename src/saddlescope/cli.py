@@ -178,7 +178,7 @@ def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, meth
                      command: str, progress: Callable[[str, int, int], None]) -> Any:
     from saddlescope.critical import analyze as analyze_point
     from saddlescope.curvature.blocks import per_block
-    from saddlescope.workflow import METHODS, ModelAnalysis, _budget, write_model_report
+    from saddlescope.workflow import METHODS, ModelAnalysis, memory_budget_bytes, write_model_report
 
     table = _problems()
     if problem not in table:
@@ -197,7 +197,7 @@ def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, meth
         except ValueError:
             raise InvalidInputError(f"--theta must be comma-separated numbers, got {theta!r}") from None
         point = torch.tensor(values, dtype=obj.dtype)
-    budget = _budget(memory_budget)
+    budget = memory_budget_bytes(memory_budget)
     cp = analyze_point(obj, point, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed,
                        index_probes=index_probes, memory_budget=budget,
                        progress=lambda done, total: progress("hessian products", done, total))

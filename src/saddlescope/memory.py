@@ -25,13 +25,12 @@ the process; the next product faults them in again, about 5% of a product's time
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Self
-
 import ctypes
 import ctypes.util
 import functools
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Self
 
 import torch
 from torch import Tensor

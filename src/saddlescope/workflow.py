@@ -169,7 +169,7 @@ def analyze_model(
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    memory_budget = _budget(memory_budget)
+    memory_budget = memory_budget_bytes(memory_budget)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise InvalidInputError(f"out {str(out)!r} is a file; give a folder for the report")
 
@@ -203,7 +203,7 @@ def analyze_model(
     return result
 
 
-def _budget(memory_budget: int | str | None) -> int | None:
+def memory_budget_bytes(memory_budget: int | str | None) -> int | None:
     """``memory_budget`` as bytes (a count or a text such as ``"8GiB"``), or a clear error."""
     if memory_budget is None:
         return None

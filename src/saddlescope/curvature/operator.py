@@ -2,7 +2,9 @@ r"""Curvature matrices as linear operators: they only know how to multiply.
 
 Every algorithm in :mod:`saddlescope.curvature` (Lanczos, and what builds on it) takes any object with
 ``shape``, ``dtype``, ``device`` and ``matmat``/``matvec``, so the Hessian of a 10-million-parameter
-model and a dense test matrix with a planted spectrum go through the same code.
+model and a dense test matrix with a planted spectrum go through the same code. ``matmat`` returns a
+tensor the caller owns: the algorithms overwrite products in place (a product is the largest
+temporary they hold), so an operator must not hand back a buffer it keeps.
 
 .. math::
 
