@@ -27,8 +27,8 @@ before does not fit at :func:`preferred_basis` vectors:
 3. the same, down to :func:`minimum_basis` vectors (ARPACK's default ``ncv``);
 4. on a GPU, the float32 basis in host memory while the products run on the GPU;
 5. no basis at all: the three-term recurrence, with a second pass that regenerates the vectors for the
-   Ritz vectors (:mod:`~saddlescope.curvature.two_pass`: ``5 + pairs`` vectors, float64 then float32,
-   1.7-3x the products);
+   Ritz vectors (:mod:`~saddlescope.curvature.two_pass`: ``5 + pairs`` vectors, ``2 pairs + 1`` beyond
+   four pairs; float64 then float32; 1.7-3x the products);
 6. otherwise :class:`~saddlescope.errors.MemoryBudgetError` with the estimate, before any product.
 """
 
@@ -224,7 +224,7 @@ def plan_basis(
             kind = f"two passes of the three-term recurrence, {str(vector_dtype).removeprefix('torch.')} vectors"
             if need <= budget:
                 why = "; ".join(tried + [f"{kind} need {describe_bytes(need)} of {describe_bytes(budget)} ({budget_source})"])
-                return BasisPlan(TWO_PASS_VECTORS + want + 1, str(vector_dtype), str(recurrence_dtype), TWO_PASS,
+                return BasisPlan(max(TWO_PASS_VECTORS + want + 1, 2 * want + 1), str(vector_dtype), str(recurrence_dtype), TWO_PASS,
                                  str(device), need, budget, budget_source,
                                  why + "; no basis is stored: 1.7-3x the products")
             tried.append(f"{kind} would need {describe_bytes(need)}")

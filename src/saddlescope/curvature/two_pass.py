@@ -46,16 +46,20 @@ from saddlescope.curvature.ritz import Ritz
 __all__ = ["TWO_PASS_VECTORS", "TwoPassState", "two_pass_bytes", "widened_dot"]
 
 # Vectors of length n the recurrence holds (start, previous, current, the product) besides the Ritz
-# vectors it accumulates in the second pass; and, in the recurrence's precision, the product's conversion
-# and the final confirmation's product and residual per Ritz vector.
+# vectors it accumulates in the second pass.
 TWO_PASS_VECTORS = 4
 
 
 def two_pass_bytes(n: int, want: int, *, vector_dtype: torch.dtype, recurrence_dtype: torch.dtype) -> int:
-    """The peak bytes of a two-pass run's own tensors for ``want`` Ritz vectors (plus the far end's one)."""
+    """The peak bytes of a two-pass run's own tensors for ``want`` Ritz vectors (plus the far end's one).
+    In the vectors' precision: during the second pass the recurrence's vectors and the Ritz vectors; then,
+    the recurrence gone, the Ritz vectors and the confirming product of the wanted ones (their residuals
+    are formed in place). In the recurrence's precision: at most one product as it arrives, before it is
+    narrowed, and the chunks of a widened dot product."""
     item = torch.finfo(vector_dtype).bits // 8
     rec = torch.finfo(recurrence_dtype).bits // 8
-    return n * item * (TWO_PASS_VECTORS + want + 1) + n * rec * (2 + 2 * (want + 1))
+    vectors = max(TWO_PASS_VECTORS + want + 1, (want + 1) + want)
+    return n * item * vectors + n * rec + 2 * min(n, DOT_CHUNK) * rec
 
 
 class TwoPassState:
@@ -153,9 +157,9 @@ class TwoPassState:
         # below the coarse residual floor such a plan has (COARSE_FLOOR_EPS), in half the memory.
         out = torch.zeros(self.n, coeffs.shape[1], dtype=self.vector_dtype, device=self.start.device)
         previous, v = None, self.start
+        weights = coeffs.to(self.vector_dtype)
         for l in range(self.j):
-            for i in range(coeffs.shape[1]):  # in place: no copy of v
-                out[:, i].add_(v, alpha=float(coeffs[l, i]))
+            out.addr_(v, weights[l])  # out += v s_l^T, in place
             if l + 1 < self.j:
                 w, _ = self._next(self._apply, v, previous, self.betas[l - 1] if l else 0.0, self.parts[l])
                 previous, v = v, w.div_(self.betas[l])
