@@ -33,7 +33,10 @@ Run: python bench/gpu.py            (CUDA: the 124M model, to bench/results/gpu.
                                     (a CPU smoke run of the same code on a 2-layer, width-64 GPT-2 at 4 x 64
                                      tokens, to gpu_cpu_small.{md,json}; automatic, and said, without CUDA)
 Sizes can be overridden (--layers --heads --embd --vocab --batch --seq); a run at other than the default
-sizes of its device writes gpu_<device>_custom.{md,json}.
+sizes of its device writes gpu_<device>_custom.{md,json} (or --name). --no-defaults skips analyze at its
+defaults. The 124M model on this CPU, one short sequence (bench/results/gpu_cpu_124m.md):
+     OMP_NUM_THREADS=1 python bench/gpu.py --layers 12 --heads 12 --embd 768 --vocab 50257 --batch 1 --seq 64 \
+         --rounds 3 --no-defaults --name gpu_cpu_124m
 """
 
 from __future__ import annotations
@@ -382,7 +385,8 @@ def markdown(p: dict) -> str:
               f"| Krylov basis plan (top) | {plan_text} |",
               f"| notes | {'; '.join(v['notes']) or 'none'} |",
               "",
-              (f"analyze at its defaults (ten top pairs, the index estimate): {d['seconds']:.2f} s, {d['hvps']} HVPs, "
+              (f"analyze at its defaults: skipped ({d['skipped']})." if "skipped" in d else
+               f"analyze at its defaults (ten top pairs, the index estimate): {d['seconds']:.2f} s, {d['hvps']} HVPs, "
                f"peak {d['peak_mb']:.0f} MiB, index {d['quantities'].get('index', {}).get('text', 'not estimated')}"
                + (f"; defaults failed ({d['defaults_failed']}), figures for {d['options']}" if "defaults_failed" in d else "")
                + "."),
@@ -420,6 +424,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pyhessian-iters", type=int, default=PYHESSIAN["maxIter"])
     parser.add_argument("--no-pyhessian", action="store_true")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="skip analyze at its defaults (ten top pairs and the index estimate: long on a CPU)")
+    parser.add_argument("--name", default=None, help="results file name (default: by device and sizes)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -437,6 +444,7 @@ def main() -> None:
     sizes["positions"] = max(sizes["positions"], sizes["seq"])
     custom = bool(overrides) or (device.type == "cuda" and small)
     name = "gpu" if device.type == "cuda" and not custom else f"gpu_{device.type}_{'custom' if custom else 'small'}"
+    name = args.name or name
     print(f"== {name}: device {device}, sizes {sizes}" + (f" ({small_note})" if small_note else ""), flush=True)
 
     with open("/proc/loadavg") as f:
@@ -469,7 +477,10 @@ def main() -> None:
     payload.update(product_stages(obj, device, memory, args.seed, args.rounds))
     del obj  # its gradient graphs are gone with it: the verdict builds its own objective
     payload["verdict"] = staged("verdict", memory, lambda: verdict(model, ids, targets, device))
-    payload["defaults"] = staged("analyze defaults", memory, lambda: defaults(model, ids, targets, device))
+    if args.no_defaults:
+        payload["defaults"] = {"skipped": "--no-defaults"}
+    else:
+        payload["defaults"] = staged("analyze defaults", memory, lambda: defaults(model, ids, targets, device))
     if args.no_pyhessian:
         payload["pyhessian"] = {"skipped": "--no-pyhessian"}
     else:

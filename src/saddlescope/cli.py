@@ -79,6 +79,11 @@ def analyze(
     k: int = typer.Option(10, "-k", help="Lanczos: eigenpairs at each end of the spectrum."),
     index_probes: int = typer.Option(5, help="Lanczos: at most this many probes for the index estimate; "
                                              "0 skips it (the verdict alone)."),
+    index_rtol: float = typer.Option(None, help="Lanczos: resolve the index at +-index_rtol*max|lambda| (e.g. "
+                                                "1e-3; default: the quadrature's own resolution); the probes "
+                                                "are fitted to it within --index-hvps."),
+    index_hvps: int = typer.Option(None, help="Lanczos: product budget of the index estimate "
+                                              "(default: 60 per probe)."),
     memory_budget: str = typer.Option(None, help="Lanczos: memory each eigensolver run and index probe may hold, "
                                                  "e.g. 8GiB or 500MB (default: half of what is free). The "
                                                  "report gives the plan it chose."),
@@ -120,13 +125,14 @@ def analyze(
             if model is not None:
                 result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
                                         data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
-                                        method=method, k=k, index_probes=index_probes,
-                                        memory_budget=memory_budget, by=by,
+                                        method=method, k=k, index_probes=index_probes, index_rtol=index_rtol,
+                                        index_hvps=index_hvps, memory_budget=memory_budget, by=by,
                                         grad_tol=grad_tol, rtol=rtol, atol=atol,
                                         seed=seed, shard=shard, out=out, command=command, progress=progress)
             else:
                 result = _analyze_problem(problem, theta, dtype=dtype, method=method, k=k,
-                                          index_probes=index_probes, memory_budget=memory_budget, by=by,
+                                          index_probes=index_probes, index_rtol=index_rtol, index_hvps=index_hvps,
+                                          memory_budget=memory_budget, by=by,
                                           grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed, out=out,
                                           command=command, progress=progress)
         if result.blocks is not None and plot is not None:
@@ -173,7 +179,8 @@ def _analyze_model(model: str, data: str, *, model_kwargs: str | None, data_kwar
 
 
 def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, method: str, k: int,
-                     index_probes: int, memory_budget: str | None, by: str | None,
+                     index_probes: int, index_rtol: float | None, index_hvps: int | None,
+                     memory_budget: str | None, by: str | None,
                      grad_tol: float | None, rtol: float | None, atol: float | None, seed: int, out: Path | None,
                      command: str, progress: Callable[[str, int, int], None]) -> Any:
     from saddlescope.critical import analyze as analyze_point
@@ -199,11 +206,12 @@ def _analyze_problem(problem: str, theta: str | None, *, dtype: str | None, meth
         point = torch.tensor(values, dtype=obj.dtype)
     budget = memory_budget_bytes(memory_budget)
     cp = analyze_point(obj, point, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol, seed=seed,
-                       index_probes=index_probes, memory_budget=budget,
+                       index_probes=index_probes, index_rtol=index_rtol, index_hvps=index_hvps, memory_budget=budget,
                        progress=lambda done, total: progress("hessian products", done, total))
     blocks = None if by is None else per_block(obj, point, by=by, rtol=rtol, seed=seed)
     result = ModelAnalysis(point=cp, objective=obj, blocks=blocks,
                            settings={"problem": problem, "method": method, "k": k, "index_probes": index_probes,
+                                     "index_rtol": index_rtol, "index_hvps": index_hvps,
                                      "memory_budget": budget, "by": by, "seed": seed,
                                      "command": command})
     if out is not None:

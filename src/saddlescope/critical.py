@@ -278,7 +278,10 @@ class CriticalPoint:
                     lines.append(f"{name} {q[name].text()}: {q[name].basis}")
             est = self.index_estimate
             if est is not None:
-                lines.append(f"at resolution delta = {est.delta:.3g} ({est.n_probes} probes x {est.steps} steps):")
+                top = float(self.eigenvalues.abs().max()) if self.eigenvalues.numel() else 0.0
+                relative = f"{est.delta / top:.2g} max|lambda|; " if top > 0 else ""
+                lines.append(f"at resolution delta = {est.delta:.3g} ({relative}{est.n_probes} probes x {est.steps} "
+                             "steps):")
             for name in ("index", "min_ratio", "zero"):
                 if name in q:
                     lines.append(f"{'unresolved' if name == 'zero' else name} {q[name].text('.3f')}: {q[name].basis}")
@@ -329,6 +332,7 @@ def analyze(
     exact_affordable_s: float = EXACT_AFFORDABLE_S,
     index_hvps: int | None = None,
     memory_budget: int | None = None,
+    index_rtol: float | None = None,
 ) -> CriticalPoint:
     """Classify ``theta`` (default ``objective.theta0``) from its gradient and Hessian spectrum.
 
@@ -366,6 +370,13 @@ def analyze(
             deflated and counted exactly). 0 probes skips it: ``index``/``min_ratio`` are then NaN
             unless the verdict fixes them.
         index_hvps: product budget of the index estimate (default: ``index_probes * index_steps``).
+        index_rtol: iterative path (the exact path counts every eigenvalue): the index's resolution stated
+            in advance, relative to the largest ``|lambda|`` seen:
+            eigenvalues within ``+-index_rtol * max|lambda|`` are the unresolved band (default None: the
+            quadrature's own resolution, ``span / index_steps``). Its probes are then fitted to it within
+            ``index_hvps``: each runs up to ``index_hvps / index_probes`` steps, the first stops once its
+            quadrature resolves the band as well as the budget can sample it, and probes are added up to
+            the budget (``fit_steps`` of :func:`~saddlescope.curvature.index.index_estimate`).
         stop_at_certificate: iterative path: stop the bottom run at the first confirmed Rayleigh
             quotient below the zero threshold (the saddle is proved; ``eigenvalues[0]`` is then that
             quotient, an upper bound on lambda_min). False goes on to converge lambda_min from there.
@@ -395,11 +406,16 @@ def analyze(
         raise InvalidInputError(f"exact must be True, False or None, got {exact!r}")
     if not (isinstance(index_probes, int) and index_probes >= 0):
         raise InvalidInputError(f"index_probes must be an integer >= 0 (0 skips the index estimate), got {index_probes!r}")
+    if index_rtol is not None and not (0 < index_rtol < 1):
+        raise InvalidInputError(f"index_rtol must be a fraction of max|lambda| in (0, 1), got {index_rtol!r}")
+    if index_hvps is not None and not (isinstance(index_hvps, int) and index_hvps >= 1):
+        raise InvalidInputError(f"index_hvps must be a positive integer, got {index_hvps!r}")
     n = objective.n_params
     plan = None
     if exact is None:
         plan = plan_path(objective, theta, exact_max_params=exact_max_params, max_bytes=max_bytes,
-                         iterative_products=ITERATIVE_BASE_PRODUCTS + index_probes * min(index_steps, n),
+                         iterative_products=ITERATIVE_BASE_PRODUCTS + _index_budget(index_probes, index_steps,
+                                                                                    index_hvps, n),
                          affordable_s=exact_affordable_s, seed=seed)
         exact = plan.exact
     if exact:
@@ -413,7 +429,7 @@ def analyze(
             objective, theta, k=k, grad_tol=grad_tol, rtol=rtol, atol=atol, radii=radii, seed=seed,
             eig_tol=eig_tol, max_hvps=max_hvps, index_probes=index_probes, index_steps=index_steps,
             stop_at_certificate=stop_at_certificate, progress=progress, index_hvps=index_hvps,
-            memory_budget=memory_budget, graph=None if plan is None else plan.graph,
+            memory_budget=memory_budget, graph=None if plan is None else plan.graph, index_rtol=index_rtol,
         )
     if plan is not None:
         plan.graph = None  # the analysis is done with it: free its memory
@@ -584,6 +600,26 @@ _RESOLVED_BY = {"saddle": "eigenvalues", "minimum": "eigenvalues", "maximum": "e
                 "degenerate": "unresolved", "inconclusive": "unresolved"}
 
 
+def _index_budget(probes: int, steps: int, hvps: int | None, n: int) -> int:
+    """Products the index estimate may spend: ``index_hvps``, else ``index_probes`` probes of ``index_steps``."""
+    return probes * min(steps, n) if hvps is None else hvps
+
+
+def _index(op: HessianOperator, top: EigenResult, bottom: EigenResult, *, scale: float, probes: int, steps: int,
+           hvps: int | None, rtol: float | None, seed: int, memory_budget: int | None) -> IndexEstimate:
+    """The index estimate with the converged extreme pairs deflated: at the quadrature's own resolution, or
+    at the stated ``rtol * scale`` with its probes fitted to that band within the budget."""
+    n = op.shape[0]
+    deflate = _converged_pairs(top, bottom)
+    if rtol is None:
+        return index_estimate(op, n_probes=probes, steps=min(steps, n), seed=seed, deflate=deflate,
+                              max_hvps=hvps, adaptive=True, memory_budget=memory_budget)
+    budget = _index_budget(probes, steps, hvps, n)
+    return index_estimate(op, delta=rtol * scale, n_probes=probes, steps=min(max(steps, budget // probes), n),
+                          seed=seed, deflate=deflate, max_hvps=budget, adaptive=True, memory_budget=memory_budget,
+                          fit_steps=True)
+
+
 def _analyze_iterative(
     objective: Objective,
     theta: Tensor,
@@ -603,6 +639,7 @@ def _analyze_iterative(
     index_hvps: int | None = None,
     memory_budget: int | None = None,
     graph: GradientGraph | None = None,
+    index_rtol: float | None = None,
 ) -> CriticalPoint:
     r"""The iterative path (on ``graph``, the gradient graph :func:`plan_path` timed, when given).
 
@@ -655,9 +692,8 @@ def _analyze_iterative(
         index, min_ratio = 1.0, 0.0
     elif index_probes > 0:
         t0 = time.perf_counter()
-        estimate = index_estimate(op, n_probes=index_probes, steps=min(index_steps, n), seed=seed + 2,
-                                  deflate=_converged_pairs(top, bottom), max_hvps=index_hvps, adaptive=True,
-                                  memory_budget=memory_budget)
+        estimate = _index(op, top, bottom, scale=scale, probes=index_probes, steps=index_steps, hvps=index_hvps,
+                          rtol=index_rtol, seed=seed + 2, memory_budget=memory_budget)
         seconds["index"] = time.perf_counter() - t0
         index, min_ratio = estimate.value, estimate.min_ratio
     # Counts only where the verdict proves them; an estimate stays a fraction with its interval.

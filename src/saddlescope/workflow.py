@@ -116,6 +116,8 @@ def analyze_model(
     method: str = "auto",
     k: int = 10,
     index_probes: int = 5,
+    index_rtol: float | None = None,
+    index_hvps: int | None = None,
     memory_budget: int | str | None = None,
     by: str | None = None,
     grad_tol: float | None = None,
@@ -144,6 +146,8 @@ def analyze_model(
         k: eigenpairs at each end on the iterative path.
         index_probes: iterative path: at most this many probes for the index estimate; 0 skips it (the
             verdict alone, which needs none: see :func:`saddlescope.analyze`).
+        index_rtol, index_hvps: iterative path: the index's resolution stated in advance (a fraction of
+            max|lambda|) and its product budget (:func:`saddlescope.analyze`).
         memory_budget: iterative path: bytes each eigensolver run and each index probe may hold, a count
             or a text such as ``"8GiB"`` (default: half of what is free where the model lives); the plan it
             chose is in the report (:mod:`saddlescope.curvature.basis_plan`).
@@ -187,12 +191,14 @@ def analyze_model(
     stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
     try:
         point = analyze_point(objective, k=k, exact=METHODS[method], grad_tol=grad_tol, rtol=rtol, atol=atol,
-                              seed=seed, index_probes=index_probes, memory_budget=memory_budget,
+                              seed=seed, index_probes=index_probes, index_rtol=index_rtol, index_hvps=index_hvps,
+                              memory_budget=memory_budget,
                               progress=stage("hessian products"))
     except TooLargeError as exc:
         raise TooLargeError(f"{exc} (on the command line: --method lanczos)") from exc
     blocks = per_block(objective, by=by, rtol=rtol, seed=seed) if by is not None else None
-    settings = {"method": method, "k": k, "index_probes": index_probes, "memory_budget": memory_budget, "by": by,
+    settings = {"method": method, "k": k, "index_probes": index_probes, "index_rtol": index_rtol,
+                "index_hvps": index_hvps, "memory_budget": memory_budget, "by": by,
                 "seed": seed, "dtype": str(objective.dtype),
                 "max_batches": max_batches, "loss": objective.description.get("loss")}
     if command is not None:
