@@ -32,11 +32,11 @@ Run: python bench/gpu.py            (CUDA: the 124M model, to bench/results/gpu.
      OMP_NUM_THREADS=1 python bench/gpu.py --small
                                     (a CPU smoke run of the same code on a 2-layer, width-64 GPT-2 at 4 x 64
                                      tokens, to gpu_cpu_small.{md,json}; automatic, and said, without CUDA)
-Sizes can be overridden (--layers --heads --embd --vocab --batch --seq); a run at other than the default
+Sizes can be overridden (--layers --heads --embd --vocab --positions --batch --seq); a run at other than the default
 sizes of its device writes gpu_<device>_custom.{md,json} (or --name). --no-defaults skips analyze at its
 defaults. The 124M model on this CPU, one short sequence (bench/results/gpu_cpu_124m.md):
      OMP_NUM_THREADS=1 python bench/gpu.py --layers 12 --heads 12 --embd 768 --vocab 50257 --batch 1 --seq 64 \
-         --rounds 3 --no-defaults --name gpu_cpu_124m
+         --positions 1024 --rounds 3 --no-defaults --name gpu_cpu_124m
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def markdown(p: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="the CPU smoke-run sizes (default without CUDA)")
-    for key in ("layers", "heads", "embd", "vocab", "batch", "seq"):
+    for key in ("layers", "heads", "embd", "vocab", "positions", "batch", "seq"):
         parser.add_argument(f"--{key}", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of gradient and HVP")
     parser.add_argument("--seed", type=int, default=0)
@@ -432,13 +432,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"
     small_note = ""
-    if device.type != "cuda":
+    if device.type != "cuda" and not any(getattr(args, key) is not None for key in FULL):
         small_note = ("No CUDA device: a CPU smoke run at small sizes; its figures say the script works, "
                       "not what the 124M model costs on a GPU.")
+    elif device.type != "cuda":
+        small_note = "No CUDA device: the CPU, at the sizes given; not what the model costs on a GPU."
     elif args.small:
         small_note = "--small on CUDA: small sizes, not the 124M target's figures."
     sizes = dict(SMALL if small else FULL)
-    overrides = {key: getattr(args, key) for key in ("layers", "heads", "embd", "vocab", "batch", "seq")
+    overrides = {key: getattr(args, key) for key in ("layers", "heads", "embd", "vocab", "positions", "batch", "seq")
                  if getattr(args, key) is not None}
     sizes.update(overrides)
     sizes["positions"] = max(sizes["positions"], sizes["seq"])

@@ -17,7 +17,9 @@ less the resident set at the start of the run.
 
 Run: OMP_NUM_THREADS=1 python bench/scaling.py [--quick] [--large] [--models mlp,cnn,transformer]
 (writes bench/results/scaling.{md,json}; --quick: the smallest size only, shorter training and time
-limits, to scaling_quick.{md,json}).
+limits, to scaling_quick.{md,json}). --sizes 100000,1000000 picks sizes, --tasks top1,top5 the eigenvalue
+tasks (without lambda_min neither its reference nor the basis-precision rows are run), --name the results
+file. The results are written after every model, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -144,18 +146,22 @@ def trained(family: str, target: int, steps: int) -> tuple[nn.Module, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------- runs
-def reference(model, x, y, k: int = 5) -> dict:
-    """Top-k and lambda_min of the float64 Hessian at tight tolerances, with residual bounds."""
+def reference(model, x, y, k: int = 5, bottom_end: bool = True) -> dict:
+    """Top-k and lambda_min (unless not ``bottom_end``) of the float64 Hessian at tight tolerances, with
+    residual bounds."""
     model64 = copy.deepcopy(model).double()
     obj = ss.Objective.from_model(model64, CE, (x.double() if x.is_floating_point() else x, y))
     op = ss.HessianOperator(obj)
     start = time.perf_counter()
     top = ss.eigs(op, k, "largest", tol=1e-10, relative_to="value", max_hvps=3000)
-    bottom = ss.eigs(op, 1, "smallest", tol=1e-7, relative_to="value", max_hvps=3000)
-    return {"top": top.eigenvalues.tolist(), "top_bound": float((top.residuals / top.eigenvalues.abs()).max()),
-            "lambda_min": float(bottom.eigenvalues[0]),
-            "lambda_min_bound": float(bottom.residuals[0] / bottom.eigenvalues[0].abs()),
-            "hvps": top.hvp_count + bottom.hvp_count, "seconds": time.perf_counter() - start}
+    out = {"top": top.eigenvalues.tolist(), "top_bound": float((top.residuals / top.eigenvalues.abs()).max()),
+           "lambda_min": math.nan, "lambda_min_bound": math.nan, "hvps": top.hvp_count}
+    if bottom_end:
+        bottom = ss.eigs(op, 1, "smallest", tol=1e-7, relative_to="value", max_hvps=3000)
+        out.update(lambda_min=float(bottom.eigenvalues[0]), hvps=top.hvp_count + bottom.hvp_count,
+                   lambda_min_bound=float(bottom.residuals[0] / bottom.eigenvalues[0].abs()))
+    out["seconds"] = time.perf_counter() - start
+    return out
 
 
 def run_analyze(model, x, y) -> dict:
@@ -189,9 +195,9 @@ def anchored(fn: Callable[[], dict]) -> dict:
                 "setting": f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", "failed": True}
 
 
-def eigen_tasks(model, x, y, ref: dict, limit: float) -> dict:
+def eigen_tasks(model, x, y, ref: dict, limit: float, tasks: tuple[str, ...] = ("top1", "top5", "lambda_min")) -> dict:
     out: dict = {}
-    for k in (1, 5):
+    for k in [k for k in (1, 5) if f"top{k}" in tasks]:
         r = ref["top"][-k:]
         out[f"top{k}"] = {
             "saddlescope": sweep([lambda k=k: measured(lambda: run_eigs(model, x, y, k, "largest", TOP_TARGET))],
@@ -203,6 +209,8 @@ def eigen_tasks(model, x, y, ref: dict, limit: float) -> dict:
             "hessian-eigenthings": sweep([lambda k=k, m=m: anchored(lambda: run_eigenthings(model, x, y, k, "LA", m, limit))
                                           for m in (2 * k + 5, 4 * k + 10, 8 * k + 20, 16 * k + 40)], r, TOP_TARGET),
         }
+    if "lambda_min" not in tasks:
+        return out
     r = [ref["lambda_min"]]
     out["lambda_min"] = {
         "saddlescope": sweep([lambda: measured(lambda: run_eigs(model, x, y, 1, "smallest", MIN_TARGET))],
@@ -236,7 +244,8 @@ def _best_anchor(task: dict) -> tuple[str, dict] | None:
 
 def markdown(payload: dict) -> str:
     lines = ["# Scaling: saddlescope from 10k parameters up, against PyHessian, hessian-eigenthings, curvlinops + eigsh\n",
-             (f"Environment: {payload['environment']}; load average before the run: {payload['load']}. "
+             (f"Environment: {payload['environment']}; load average before the run: {payload['load']}, after the "
+              f"last model: {payload.get('load_after', 'not recorded')}. "
                f"float32 models, the same briefly trained weights for every library, one batch. Targets: top "
               f"eigenvalues to relative error <= {TOP_TARGET:g}, lambda_min to <= {MIN_TARGET:g}, against a float64 "
               f"reference with residual bounds. Anchors run from their cheapest setting up to the first that meets "
@@ -255,7 +264,8 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {key} | {m['n_params']:,} | {a['seconds']:.2f} | {a['hvps']} | {a.get('peak_rss_mb', float('nan')):.0f} "
                      f"| {a['kind']} | {a['method']} | {plan_text} |")
     lines.append("")
-    for task in ("top1", "top5", "lambda_min"):
+    ran = [task for task in ("top1", "top5", "lambda_min") if all(task in m["eigen"] for m in payload["models"].values())]
+    for task in ran:
         lines.append(f"## {task}\n")
         lines.append("| model | library | wall s | HVPs | peak RSS MB | rel. error | setting | time / best anchor |")
         lines.append("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
@@ -272,6 +282,8 @@ def markdown(payload: dict) -> str:
                 lines.append(f"| {key} | {lib}{mark} | {run['seconds']:.2f} | {run['hvps']} | "
                              f"{run.get('peak_rss_mb', float('nan')):.0f} | {err} | {run['setting']} | {ratio} |")
         lines.append("")
+    if "top1" not in ran:
+        return "\n".join(lines)
     lines.append("## top-1: our tol 1e-4 against PyHessian's power iteration at 1e-3\n")
     lines.append("| model | ours: HVPs, rel. error, stopped by | power iteration 1e-3: HVPs, rel. error |")
     lines.append("| --- | --- | --- |")
@@ -282,6 +294,8 @@ def markdown(payload: dict) -> str:
         perr = "" if power.get("error") is None else f"{power['error']:.1e}"
         lines.append(f"| {key} | {ours['hvps']}, {ours['error']:.1e}, {rule} | {power['hvps']}, {perr} |")
     lines.append("")
+    if not all(m.get("basis_precision") for m in payload["models"].values()):
+        return "\n".join(lines)
     lines.append("## Accuracy cost of a float32 Krylov basis (partial reorthogonalisation, float64 coefficients)\n")
     lines.append("| model | basis | top-5 rel. error (tol 1e-6) | HVPs | lambda_min rel. error (tol 1e-4) | HVPs | planned MiB |")
     lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -298,12 +312,20 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also 5M and 20M parameters")
     parser.add_argument("--models", default=",".join(FAMILIES))
     parser.add_argument("--limit", type=float, default=None, help="wall-clock limit of one anchor run (s)")
+    parser.add_argument("--sizes", default=None, help="comma-separated parameter counts (default by --quick/--large)")
+    parser.add_argument("--tasks", default="top1,top5,lambda_min")
+    parser.add_argument("--name", default=None, help="results file name (default scaling or scaling_quick)")
     args = parser.parse_args()
     sizes = SIZES[:1] if args.quick else SIZES + (LARGE if args.large else ())
+    if args.sizes:
+        sizes = tuple(int(size) for size in args.sizes.split(","))
+    tasks = tuple(args.tasks.split(","))
+    name = args.name or ("scaling_quick" if args.quick else "scaling")
     limit = args.limit or (30.0 if args.quick else 300.0)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    payload: dict = {"environment": environment(), "load": load, "limit": limit, "quick": args.quick, "models": {}}
+    payload: dict = {"environment": environment(), "load": load, "limit": limit, "quick": args.quick,
+                     "tasks": tasks, "models": {}}
     for family in args.models.split(","):
         for size in sizes:
             key = f"{family}{size // 1000}k" if size < 10**6 else f"{family}{size // 10**6}M"
@@ -313,20 +335,22 @@ def main() -> None:
                 entry: dict = {"n_params": sum(p.numel() for p in model.parameters()), "n_samples": len(x)}
                 entry["analyze"] = measured(lambda m=model, x=x, y=y: run_analyze(m, x, y))
                 print(f"   analyze {entry['analyze']}", flush=True)
-                entry["reference"] = ref = reference(model, x, y)
+                entry["reference"] = ref = reference(model, x, y, bottom_end="lambda_min" in tasks)
                 print(f"   reference top {ref['top'][-1]:.6g} min {ref['lambda_min']:.6g} ({ref['hvps']} HVPs)", flush=True)
-                entry["eigen"] = eigen_tasks(model, x, y, ref, limit)
+                entry["eigen"] = eigen_tasks(model, x, y, ref, limit, tasks)
                 for task, runs in entry["eigen"].items():
                     for lib, res in runs.items():
                         run = res["best"] or (res["tried"][-1] if res["tried"] else {})
                         print(f"   {task:10s} {lib:20s} {run.get('seconds', math.nan):.2f} s {run.get('hvps')} HVPs "
                               f"err {run.get('error')} {run.get('setting')}", flush=True)
-                entry["basis_precision"] = basis_precision(model, x, y, ref)
-                print(f"   basis precision {entry['basis_precision']}", flush=True)
+                if "lambda_min" in tasks:
+                    entry["basis_precision"] = basis_precision(model, x, y, ref)
+                    print(f"   basis precision {entry['basis_precision']}", flush=True)
             payload["models"][key] = entry
-    text = markdown(payload)
-    print(text)
-    save("scaling_quick" if args.quick else "scaling", payload, text)
+            with open("/proc/loadavg") as f:
+                payload["load_after"] = " ".join(f.read().split()[:3])
+            save(name, payload, markdown(payload))  # after every model: a run cut short keeps what it finished
+    print(markdown(payload))
 
 
 if __name__ == "__main__":

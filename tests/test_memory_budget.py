@@ -13,6 +13,7 @@ import saddlescope as ss
 from saddlescope import errors
 from saddlescope.curvature import basis_plan, lanczos
 from saddlescope.curvature.two_pass import two_pass_bytes
+from saddlescope.curvature.operator import _Operator
 from saddlescope.memory import available_memory
 
 F32_EPS = torch.finfo(torch.float32).eps
@@ -155,6 +156,23 @@ def test_two_passes_in_float32_vectors_find_the_extreme_pair(which):
     norm = float(values.abs().max())
     assert lean.all_converged
     assert torch.allclose(lean.eigenvalues, truth(values, 1, which), atol=1e-5 * norm, rtol=0)
+
+
+def test_without_a_basis_float32_products_get_float32_vectors():
+    # A float32 operator's products are rounded to float32 already: with room for float64 vectors, a run
+    # without a basis still holds float32 ones (half the memory traffic a step); a float64 operator keeps
+    # float64 vectors. Both find the top eigenvalue of the planted spectrum (eigh's: 100).
+    values = outlier_spectrum()
+    budget = two_pass_bytes(values.numel(), 1, vector_dtype=torch.float64, recurrence_dtype=torch.float64)
+    wide_op = planted(values)
+    narrow_op = ss.DenseOperator(wide_op.matrix.float())
+    wide = ss.eigs(wide_op, 1, "largest", tol=1e-6, memory_budget=budget)
+    narrow = ss.eigs(narrow_op, 1, "largest", tol=1e-4, memory_budget=budget)
+    assert (wide.plan.reorthogonalisation, wide.plan.dtype) == (lanczos.TWO_PASS, "torch.float64")
+    assert (narrow.plan.reorthogonalisation, narrow.plan.dtype) == (lanczos.TWO_PASS, "torch.float32")
+    assert narrow.plan.bytes < wide.plan.bytes
+    assert narrow.all_converged and float(narrow.eigenvalues[-1]) == pytest.approx(100.0, rel=1e-4)
+    assert wide.all_converged and float(wide.eigenvalues[-1]) == pytest.approx(100.0, rel=1e-6)
 
 
 def test_analyze_with_no_room_for_a_basis_still_proves_the_saddle():
@@ -314,3 +332,43 @@ def test_cuda_eigs_with_the_basis_in_host_memory(monkeypatch):
     res = ss.eigs(op, 1, "both", tol=1e-6)
     assert res.plan.device == "cpu" and res.eigenvalues.device.type == "cuda"
     assert torch.allclose(res.eigenvalues.cpu(), truth(values.cpu(), 1, "both"), rtol=1e-5)
+
+
+class _SpikeOverBulk(_Operator):
+    """``D + c u u^T`` in float32: a diagonal bulk in [-1, 1] and one outlier along the flat unit vector
+    ``u``, applied without forming the matrix (so ``n`` can be millions)."""
+
+    def __init__(self, n: int, c: float) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.d = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
+        self.c, self.shape, self.dtype, self.device, self.hvp_count = c, (n, n), torch.float32, torch.device("cpu"), 0
+
+    def _matmat(self, vs):
+        self.hvp_count += vs.shape[1]
+        v = vs.double()
+        out = self.d[:, None] * v + self.c * v.mean(0, keepdim=True)  # c u u^T v with u = 1/sqrt(n)
+        return out.float()
+
+    def top(self) -> float:
+        """The largest root of the secular equation ``1 = (c / n) sum 1 / (lambda - d_i)``, by bisection."""
+        low, high = float(self.d.max()) + 1e-12, float(self.d.max()) + self.c + 1.0
+        for _ in range(200):
+            mid = 0.5 * (low + high)
+            low, high = (mid, high) if float((self.c / (mid - self.d)).mean()) > 1 else (low, mid)
+        return 0.5 * (low + high)
+
+
+def test_two_passes_in_float32_vectors_measure_a_flat_eigenvector_of_millions_of_entries():
+    # torch sums a float32 norm in float32: over 4M entries a flat unit vector's norm reads 1.003, and a
+    # run that normalised its Ritz vector so reported a Rayleigh quotient 0.6% high, a "lower bound" above
+    # the eigenvalue (at 124M entries: 1,399 for 1,231). Norms and dots are now summed in float64.
+    op = _SpikeOverBulk(4_000_000, c=50.0)
+    truth = op.top()
+    budget = two_pass_bytes(op.shape[0], 1, vector_dtype=torch.float32, recurrence_dtype=torch.float64)
+    res = ss.eigs(op, 1, "largest", tol=1e-4, memory_budget=budget)
+    assert (res.plan.reorthogonalisation, res.plan.dtype) == (lanczos.TWO_PASS, "torch.float32")
+    y = res.eigenvectors[:, -1].double()
+    assert float(y.norm()) == pytest.approx(1.0, abs=1e-6)
+    theta = float(res.eigenvalues[-1])
+    assert theta <= truth * (1 + 1e-6)  # a Rayleigh quotient: never above the largest eigenvalue
+    assert abs(theta - truth) <= 1e-4 * truth

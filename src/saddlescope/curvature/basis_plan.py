@@ -28,7 +28,12 @@ before does not fit at :func:`preferred_basis` vectors:
 4. on a GPU, the float32 basis in host memory while the products run on the GPU;
 5. no basis at all: the three-term recurrence, with a second pass that regenerates the vectors for the
    Ritz vectors (:mod:`~saddlescope.curvature.two_pass`: ``5 + pairs`` vectors, ``2 pairs + 1`` beyond
-   four pairs; float64 then float32; 1.7-3x the products);
+   four pairs; 1.7-3x the products). Its vectors are float32 first when the products arrive in float32 or
+   narrower (a network in float32): every product is rounded there already, and the recurrence loses
+   orthogonality at the products' rounding whatever the vectors hold, so float64 vectors would only double
+   the memory traffic of each step (a 124M-parameter GPT-2 on one CPU thread: the verdict took 620 s and
+   10.1 GB with float64 vectors, 466 s and 8.7 GB with float32 ones, the same 83 products and lambda_max;
+   ``bench/gpu.py``); float64 then float32 otherwise;
 6. otherwise :class:`~saddlescope.errors.MemoryBudgetError` with the estimate, before any product.
 """
 
@@ -153,6 +158,7 @@ def plan_basis(
     basis_dtype: torch.dtype | None = None,
     host_budget: int | None = None,
     host_source: str = "",
+    operand_dtype: torch.dtype | None = None,
 ) -> BasisPlan:
     """Choose the basis size, its precision and where it lives from a memory budget (module docstring).
 
@@ -165,6 +171,8 @@ def plan_basis(
             float64 keeps the basis in that precision with full reorthogonalisation (no fallback).
         krylov_dim, basis_dtype: fix the size or the basis precision instead of choosing them.
         host_budget, host_source: on a GPU, the host memory a basis may take there instead.
+        operand_dtype: the precision the products arrive in (the operator's); narrower than the
+            recurrence's, a run without a basis holds its vectors in float32 first (module docstring, 5).
 
     Raises:
         MemoryBudgetError: nothing fits, not even the two-pass recurrence's few float32 vectors (with
@@ -219,7 +227,7 @@ def plan_basis(
                              peak(size, dtype, partial, where), room, source, why)
         tried.append(f"a {kind} of {floor} vectors would need {describe_bytes(peak(floor, dtype, partial, where))}")
     if fixed is None and basis_dtype is None:  # no basis at all: the three-term recurrence, twice
-        for vector_dtype in dict.fromkeys((recurrence_dtype, torch.float32)):
+        for vector_dtype in _two_pass_dtypes(recurrence_dtype, operand_dtype):
             need = two_pass_bytes(n, want, vector_dtype=vector_dtype, recurrence_dtype=recurrence_dtype)
             kind = f"two passes of the three-term recurrence, {str(vector_dtype).removeprefix('torch.')} vectors"
             if need <= budget:
@@ -240,6 +248,12 @@ def plan_basis(
         f"({need:,} bytes), and the budget is {describe_bytes(budget)} ({budget_source}); free memory, pass a "
         "larger memory_budget, or analyse a block of the parameters (Objective.blocks)"
     )
+
+
+def _two_pass_dtypes(recurrence_dtype: torch.dtype, operand_dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
+    """The vector precisions a run without a basis tries, in order (module docstring, 5)."""
+    narrow = operand_dtype is not None and torch.finfo(operand_dtype).bits < torch.finfo(recurrence_dtype).bits
+    return tuple(dict.fromkeys((torch.float32, recurrence_dtype) if narrow else (recurrence_dtype, torch.float32)))
 
 
 def _largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
@@ -271,4 +285,4 @@ def budget_plan(op: Any, n: int, want: int, *, memory_budget: int | None, krylov
         host_budget, host_source = default_budget(None, torch.device("cpu"))
     return plan_basis(n, want, budget=budget, budget_source=source, device=device, recurrence_dtype=dtype,
                       krylov_dim=krylov_dim, basis_dtype=basis_dtype, host_budget=host_budget,
-                      host_source=host_source)
+                      host_source=host_source, operand_dtype=getattr(op, "dtype", None))
