@@ -46,9 +46,10 @@ so the bound is on the very ``within`` the estimate reports for that probe, with
 place of the quadrature. The band: ``delta`` when given; by default the estimate's ``span / m`` with
 :math:`m` the planned steps, measured at step :math:`j` as ``span_j / m``. The extreme nodes move outward
 as :math:`j` grows (Cauchy interlacing: :math:`T_j` is a leading block of :math:`T_m`), so that band lies
-inside the one a full probe would have used and the bound holds for it too. The test runs after every step:
-the eigendecomposition of a :math:`j\times j` tridiagonal costs microseconds, a product milliseconds to
-minutes, and every step checked is a product not spent. Later probes never stop early. On the three-term
+inside the one a full probe would have used and the bound holds for it too. The test runs after every step up to
+64 (then every :math:`j/32` steps, :func:`~saddlescope.curvature.density.check_due`): the eigendecomposition
+of a small tridiagonal costs microseconds, a product milliseconds to minutes, and every step checked is a
+product not spent. Later probes never stop early. On the three-term
 recurrence (no stored basis) the rule is Gauss for a measure within tiny intervals of the probe's
 (Greenbaum 1989, :mod:`~saddlescope.curvature.density`), so the bound holds up to eigenvalues within those
 intervals of :math:`\pm\delta`.
