@@ -24,31 +24,21 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, save  # noqa: E402
+from curvature import CE, mlp2k, trained  # noqa: E402
 
 import saddlescope as ss  # noqa: E402
-from saddlescope.problems import load_digits_tensors, mlp  # noqa: E402
 
 GOAL_ERROR, GOAL_HVPS, RTOL = 0.02, 1500, 1e-3
 BUDGET = 1400  # for the index; the verdict's ends take the rest of the 1,500
 SEEDS = (0, 1, 2, 3, 4)
-CE = nn.CrossEntropyLoss()
 
 
 def digits_mlp(steps: int) -> ss.Objective:
-    torch.manual_seed(0)
-    x, y = load_digits_tensors(torch.float32)
-    model = mlp((64, 32, 10), "tanh")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        CE(model(x), y).backward()
-        opt.step()
-    model = model.double().eval()
-    return ss.Objective.from_model(model, CE, (x.double(), y))
+    model, x, y = trained(lambda: (*mlp2k()[:3], steps))  # bench/curvature.py's mlp2k, `steps` Adam steps
+    return ss.Objective.from_model(model.double(), CE, (x.double(), y))
 
 
 def planted(n: int = 3000, seed: int = 0) -> ss.Objective:

@@ -610,14 +610,12 @@ def _index(op: HessianOperator, top: EigenResult, bottom: EigenResult, *, scale:
     """The index estimate with the converged extreme pairs deflated: at the quadrature's own resolution, or
     at the stated ``rtol * scale`` with its probes fitted to that band within the budget."""
     n = op.shape[0]
-    deflate = _converged_pairs(top, bottom)
-    if rtol is None:
-        return index_estimate(op, n_probes=probes, steps=min(steps, n), seed=seed, deflate=deflate,
-                              max_hvps=hvps, adaptive=True, memory_budget=memory_budget)
+    fit = rtol is not None
     budget = _index_budget(probes, steps, hvps, n)
-    return index_estimate(op, delta=rtol * scale, n_probes=probes, steps=min(max(steps, budget // probes), n),
-                          seed=seed, deflate=deflate, max_hvps=budget, adaptive=True, memory_budget=memory_budget,
-                          fit_steps=True)
+    return index_estimate(op, delta=rtol * scale if fit else None, n_probes=probes,
+                          steps=min(max(steps, budget // probes) if fit else steps, n), seed=seed,
+                          deflate=_converged_pairs(top, bottom), max_hvps=budget if fit else hvps, adaptive=True,
+                          memory_budget=memory_budget, fit_steps=fit)
 
 
 def _analyze_iterative(
