@@ -181,3 +181,32 @@ def test_iterative_is_reproducible_with_a_seed(trained_mlp):
 def test_bad_arguments(kwargs):
     with pytest.raises(errors.InvalidInputError):
         ss.analyze(ss.problems.seed_toy(), exact=kwargs.pop("exact", False), **kwargs)
+
+
+def test_a_minimum_rests_on_the_random_start_bound_not_on_the_basis_size():
+    # With k=1 the top run stops before its far end settles, so the bottom end gets a run of its own.
+    # The "minimum" needs that run's pair to be the smallest: it stops under the random-start bound, and
+    # both outer ends are the outer of the residual bound and the random-start bound.
+    values = torch.linspace(0.05, 1.0, 300, dtype=torch.float64)
+    obj, a = quadratic(values)
+    cp = ss.analyze(obj, exact=False, k=1, index_probes=0)
+    bottom, top = cp.lanczos["bottom"], cp.lanczos["top"]
+    assert cp.kind == "minimum" and bottom["hvp_count"] > 1
+    assert bottom["guard"]["rule"] == "random-start bound" and "random-start bound" in cp.reason
+    truth = torch.linalg.eigvalsh(a)
+    low, high = cp.quantities["lambda_min"], cp.quantities["lambda_max"]
+    eps = 1e-12  # the products' rounding
+    assert low.low - eps <= float(truth[0]) <= low.high + eps and high.low - eps <= float(truth[-1]) <= high.high + eps
+    assert low.low == min(bottom["eigenvalues"][0] - bottom["residuals"][0], bottom["guard"]["lambda_min_at_least"])
+    assert high.high == max(top["eigenvalues"][-1] + top["residuals"][-1], top["guard"]["lambda_max_at_most"])
+
+
+def test_an_interval_from_a_given_start_says_it_rests_on_lanczos_premise():
+    # stop_at_certificate=False converges lambda_min from the certificate's vector: a start the run did not
+    # draw at random, so no random-start bound, and the interval says what it rests on.
+    values = torch.cat([torch.tensor([-0.3], dtype=torch.float64), torch.linspace(-0.05, 1.0, 399, dtype=torch.float64)])
+    obj, _ = quadratic(values)
+    full = ss.analyze(obj, exact=False, index_probes=0, stop_at_certificate=False)
+    q = full.quantities["lambda_min"]
+    assert q.status == "interval" and "premise" in q.basis
+    assert q.low <= -0.3 * (1 - 1e-12) and q.high >= -0.3 * (1 + 1e-12)

@@ -278,3 +278,35 @@ def test_the_random_start_bound_holds_at_its_level():
         gaps.append(bounds["lambda_max_at_most"] - float(ritz.values[-1]))
         assert not rule.guarded(state, ritz)  # 8 steps cannot exclude a miss here
     assert 0 < misses <= delta * 300 and min(gaps) > 0
+
+
+def test_require_bound_stops_only_under_the_random_start_bound():
+    # lambda_min = 0.05 below a gap-free bulk. ARPACK's basis-size rule accepts the converged bottom pair
+    # while the random-start bound still allows lambda_min well below it: that the pair is the smallest
+    # is then Lanczos's premise. require_bound goes on until the bound is within the tolerance.
+    values = torch.cat([torch.tensor([0.05]), torch.linspace(0.1, 1, 499)]).double()
+    op = planted(values)
+    truth = float(torch.linalg.eigvalsh(op.matrix)[0])
+    loose = ss.eigs(op, 1, "smallest", tol=1e-6, relative_to="value", seed=1)
+    tight = ss.eigs(op, 1, "smallest", tol=1e-6, relative_to="value", seed=1, require_bound=True)
+    assert loose.all_converged and tight.all_converged
+    assert loose.guard["rule"] == "minimum Krylov dimension" and tight.guard["rule"] == "random-start bound"
+    assert tight.hvp_count > loose.hvp_count
+    eta = 1e-6 * truth
+    for res in (loose, tight):
+        assert res.guard["lambda_min_at_least"] <= truth  # the bound holds (probability >= 0.999)
+    assert loose.guard["lambda_min_at_least"] < truth - 10 * eta  # far looser than the pair's tolerance
+    assert tight.guard["lambda_min_at_least"] >= float(tight.eigenvalues[0]) - 2 * eta
+
+
+def test_the_random_start_bounds_from_before_the_first_restart_are_kept():
+    # A thick restart ends the polynomial relation the bound needs; the bounds of the space just before
+    # it hold on the same event (the start not nearly orthogonal to the extreme eigenvector), so they are
+    # reported instead of none.
+    values = torch.linspace(0.05, 1, 800).double()
+    op = planted(values)
+    res = ss.eigs(op, 1, "smallest", tol=1e-8, relative_to="value", krylov_dim=40, seed=2)
+    eig = torch.linalg.eigvalsh(op.matrix)
+    assert res.all_converged and res.restarts > 0 and res.guard["bound_steps"] == 40
+    assert 0 < res.guard["lambda_min_at_least"] <= float(eig[0])
+    assert res.guard["lambda_max_at_most"] >= float(eig[-1])

@@ -585,7 +585,9 @@ def _both_ends(op: HessianOperator, k: int, *, rtol: float, atol: float, eig_tol
     )
     bottom = _bottom_from_top(op, top, threshold, **options)
     if bottom is None:
-        bottom = eigs(op, k, "smallest", seed=seed + 1, stop_below=-threshold, **options)
+        # A "minimum" rests on this run's bottom pair being the smallest: it stops under the random-start
+        # bound (while that holds), never on the basis size alone.
+        bottom = eigs(op, k, "smallest", seed=seed + 1, stop_below=-threshold, require_bound=True, **options)
     if bottom.stopped_early and not stop_at_certificate:
         spent = bottom.hvp_count
         bottom = eigs(op, k, "smallest", v0=bottom.eigenvectors[:, 0], **options)
@@ -645,10 +647,12 @@ def _analyze_iterative(
     (true residuals, one confirming product each): a Rayleigh quotient bounds the extreme
     eigenvalues from inside, :math:`\lambda_{min} \le \theta_b` and :math:`\lambda_{max} \ge \theta_t`,
     with no convergence needed — these are the certificates of negative and positive curvature.
-    A converged pair adds the residual bound from outside, :math:`\lambda_{min} \ge \theta_b - r_b`
-    (the eigenvalue nearest a Ritz value is within :math:`r_b` of it; that it is the *smallest*
-    eigenvalue is Lanczos's premise from a random start). Only the outside bounds can prove
-    "minimum", so an unconverged run never does.
+    A converged pair adds a bound from outside (:class:`_End`): the residual bound
+    :math:`\lambda_{min} \ge \theta_b - r_b` (the eigenvalue nearest a Ritz value is within :math:`r_b` of it;
+    that it is the *smallest* eigenvalue is Lanczos's premise), widened to the run's random-start bound
+    where that is lower, so that it holds with probability at least ``1 - miss_probability`` over the start
+    whether or not the premise does. The bottom run stops on convergence only under that bound while it holds
+    (``require_bound``). Only the outside bounds can prove "minimum", so an unconverged run never does.
     """
     if eig_tol is None:
         eig_tol = DEFAULT_EIG_TOL.get(objective.dtype, DEFAULT_EIG_TOL[torch.float32])
@@ -674,13 +678,11 @@ def _analyze_iterative(
     threshold = rtol * scale + atol
     tolerances = Tolerances(grad_tol, rtol, atol, threshold, radii)
 
-    tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
-    tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
+    low, high = _extreme_ends(bottom, top)
+    tb = low.value
     has_neg = tb < -threshold
-    curvature_kind, reason = _iterative_kind(
-        tb, rb, conv_b, tt, rt, conv_t, threshold, bottom.stopped_early, bottom.hvp_count,
-        precision_bound(objective.dtype, scale),
-    )
+    curvature_kind, reason = _iterative_kind(low, high, threshold, bottom.stopped_early, bottom.hvp_count,
+                                             precision_bound(objective.dtype, scale))
 
     estimate = None
     index, min_ratio = math.nan, math.nan
@@ -742,7 +744,7 @@ def _analyze_iterative(
         lanczos={"top": top.to_dict(), "bottom": bottom.to_dict()},
         index_estimate=estimate,
         eigensolver_dtype=bottom.dtype,
-        quantities=_iterative_quantities(bottom, top, curvature_kind, estimate, n),
+        quantities=_iterative_quantities(low, high, curvature_kind, estimate, n, bottom.stopped_early),
         residuals=residuals,
         converged=converged,
     )
@@ -803,6 +805,52 @@ def _bottom_from_top(
     )
 
 
+@dataclass(frozen=True)
+class _End:
+    r"""One end of the spectrum as the iterative verdict reads it.
+
+    ``value`` is the extreme Ritz value, a Rayleigh quotient: :math:`\lambda_{min} \le \theta_b` and
+    :math:`\lambda_{max} \ge \theta_t` with no convergence needed. A converged pair adds an outside bound,
+    ``outer``: the residual bound :math:`\theta_b - r_b` holds when the pair is the smallest one (Lanczos's
+    premise); the run's random-start bound :math:`\lambda_{min} \ge L` (``EigenResult.guard``) holds with
+    probability at least ``1 - miss_probability`` over the start, premise or not. Where the bound exists
+    ``outer`` is the lesser of the two, true if either is, and ``backing`` says which; without it (a thick
+    restart, a given start) ``outer`` rests on the premise and ``backing`` says that. Mirrored at the top.
+    """
+
+    name: str  # "lambda_min" or "lambda_max"
+    value: float
+    residual: float
+    converged: bool
+    outer: float
+    backing: str
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return (self.outer, self.value) if self.name == "lambda_min" else (self.value, self.outer)
+
+
+def _end(run: EigenResult, name: str) -> _End:
+    """The bottom (``name="lambda_min"``) or top end of ``run`` as an :class:`_End`."""
+    at, sign, key = (0, -1.0, "lambda_min_at_least") if name == "lambda_min" else (-1, 1.0, "lambda_max_at_most")
+    value, residual = float(run.eigenvalues[at]), float(run.residuals[at])
+    by_residual = value + sign * residual
+    guard = run.guard or {}
+    bound = guard.get(key)
+    said = f"converged pair {value:.4g}, residual {residual:.2g}"
+    if bound is None:
+        outer, backing = by_residual, f"{said}; Lanczos's premise that it is the extreme pair (a given start: no random-start bound)"
+    else:
+        outer = min(by_residual, bound) if sign < 0 else max(by_residual, bound)
+        backing = (f"{said}; random-start bound {bound:.4g} at probability >= {1 - guard['miss_probability']:g}: "
+                   f"the outer of the two")
+    return _End(name, value, residual, bool(run.converged[at]), outer, backing)
+
+
+def _extreme_ends(bottom: EigenResult, top: EigenResult) -> tuple[_End, _End]:
+    return _end(bottom, "lambda_min"), _end(top, "lambda_max")
+
+
 def _converged_pairs(*runs: Any) -> tuple[Tensor, Tensor] | None:
     """The converged eigenpairs of Lanczos runs, vectors orthonormalised together (pairs from two runs
     are orthogonal only to the accuracy of their residuals), for deflation; None when there are none."""
@@ -839,32 +887,31 @@ def _exact_quantities(
 
 
 def _iterative_quantities(
-    bottom: Any, top: Any, curvature_kind: str, estimate: IndexEstimate | None, n: int,
+    low: _End, high: _End, curvature_kind: str, estimate: IndexEstimate | None, n: int, certificate: bool,
 ) -> dict[str, Quantity]:
     r"""The iterative path's numbers, each as what it is.
 
     A Ritz value is a Rayleigh quotient, so :math:`\lambda_{min} \le \theta_b` and
     :math:`\lambda_{max} \ge \theta_t` always (bounds); a converged pair of a run that stopped on
-    convergence adds the residual bound on the other side (an interval). The fractions are the
-    quadrature's estimates with their error bars, unless the verdict proves them (a minimum has no
+    convergence adds its outside bound (:class:`_End`), and the number becomes an interval. The fractions
+    are the quadrature's estimates with their error bars, unless the verdict proves them (a minimum has no
     eigenvalue at or below the zero threshold); intervals when the estimate stopped unresolved after one
     probe (:func:`_unresolved_quantities`).
     """
-    tb, rb, conv_b = float(bottom.eigenvalues[0]), float(bottom.residuals[0]), bool(bottom.converged[0])
-    tt, rt, conv_t = float(top.eigenvalues[-1]), float(top.residuals[-1]), bool(top.converged[-1])
     out: dict[str, Quantity] = {}
     # A stopped-early run never judged whether its pair is the extreme one (the misconvergence guard runs
     # only towards convergence), so a certificate stays a bound even when its residual happens to be small.
-    if conv_b and not bottom.stopped_early:
-        out["lambda_min"] = Quantity.interval(tb, tb - rb, tb, f"converged bottom Ritz pair (residual {rb:.2g})")
+    if low.converged and not certificate:
+        out["lambda_min"] = Quantity.interval(low.value, *low.interval, low.backing)
     else:
         why = ("the first confirmed negative Rayleigh quotient (a certificate); lambda_min may lie far below"
-               if bottom.stopped_early else f"an unconverged Ritz value (residual {rb:.2g}), a Rayleigh quotient")
-        out["lambda_min"] = Quantity.upper_bound(tb, why)
-    if conv_t:
-        out["lambda_max"] = Quantity.interval(tt, tt, tt + rt, f"converged top Ritz pair (residual {rt:.2g})")
+               if certificate else f"an unconverged Ritz value (residual {low.residual:.2g}), a Rayleigh quotient")
+        out["lambda_min"] = Quantity.upper_bound(low.value, why)
+    if high.converged:
+        out["lambda_max"] = Quantity.interval(high.value, *high.interval, high.backing)
     else:
-        out["lambda_max"] = Quantity.lower_bound(tt, f"an unconverged Ritz value (residual {rt:.2g}), a Rayleigh quotient")
+        out["lambda_max"] = Quantity.lower_bound(
+            high.value, f"an unconverged Ritz value (residual {high.residual:.2g}), a Rayleigh quotient")
     proved = {"minimum": (0.0, 0.0, 1.0), "maximum": (1.0, 0.0, 0.0)}.get(curvature_kind)
     if proved is not None:
         why = f"proved by the verdict ({curvature_kind}: no eigenvalue within the zero threshold)"
@@ -980,7 +1027,9 @@ def sharpen_escape(
         residuals[0], converged[0] = resid, reached
     quantities = dict(point.quantities)
     quantities["lambda_min"] = (
-        Quantity.interval(theta_b, theta_b - resid, theta_b, f"bottom Ritz pair sharpened for the escape (residual {resid:.2g})")
+        Quantity.interval(theta_b, theta_b - resid, theta_b,
+                          f"bottom Ritz pair sharpened for the escape (residual {resid:.2g}); Lanczos's premise "
+                          f"that it is the bottom pair (started from the certificate: no random-start bound)")
         if reached else Quantity.upper_bound(theta_b, f"a Rayleigh quotient sharpened for the escape (residual {resid:.2g})")
     )
     grad = objective.grad(point.theta.to(objective.dtype))
@@ -992,41 +1041,37 @@ def sharpen_escape(
     )
 
 
-def _iterative_kind(
-    tb: float, rb: float, conv_b: bool, tt: float, rt: float, conv_t: bool,
-    thr: float, certificate: bool, bottom_hvps: int, rounding: float,
-) -> tuple[str, str]:
-    """The curvature verdict from the extreme Ritz pairs (see :func:`_analyze_iterative`):
-    bottom ``(tb, rb)``, top ``(tt, rt)``, zero threshold ``thr``."""
+def _iterative_kind(low: _End, high: _End, thr: float, certificate: bool, bottom_hvps: int,
+                    rounding: float) -> tuple[str, str]:
+    """The curvature verdict from the extreme ends (see :func:`_analyze_iterative`), zero threshold ``thr``."""
+    tb, tt = low.value, high.value
     has_neg, has_pos = tb < -thr, tt > thr
     if has_neg and has_pos:
         how = "a confirmed Rayleigh quotient (certificate)" if certificate else "a converged eigenpair"
         return "saddle", f"negative curvature {tb:.3g} < -{thr:.3g} from {how}; positive curvature {tt:.3g}"
-    if conv_b and tb - rb > thr:
-        return "minimum", f"lambda_min >= {tb:.4g} - {rb:.2g} > {thr:.3g} (converged; residual bound)"
-    if conv_t and tt + rt < -thr:
-        return "maximum", f"lambda_max <= {tt:.4g} + {rt:.2g} < -{thr:.3g} (converged; residual bound)"
-    if has_neg:  # negative curvature, and none positive found above the threshold
-        end, value, resid, conv, lo, hi = "lambda_max", tt, rt, conv_t, tt, tt + rt
-    else:
-        end, value, resid, conv, lo, hi = "lambda_min", tb, rb, conv_b, tb - rb, tb
-    if not conv:
+    if low.converged and low.outer > thr:
+        return "minimum", f"lambda_min >= {low.outer:.4g} > {thr:.3g} ({low.backing})"
+    if high.converged and high.outer < -thr:
+        return "maximum", f"lambda_max <= {high.outer:.4g} < -{thr:.3g} ({high.backing})"
+    end = high if has_neg else low  # negative curvature and none positive above the threshold: the top decides
+    if not end.converged:
         return "inconclusive", (
-            f"{end} did not converge in the HVP budget (Ritz value {value:.3g}, residual {resid:.2g}) and "
-            f"no certificate decides the verdict; raise max_hvps"
-            + (f" (the bottom run spent {bottom_hvps})" if end == "lambda_min" else "")
+            f"{end.name} did not converge in the HVP budget (Ritz value {end.value:.3g}, residual {end.residual:.2g}) "
+            f"and no certificate decides the verdict; raise max_hvps"
+            + (f" (the bottom run spent {bottom_hvps})" if end is low else "")
         )
+    lo, hi = end.interval
     if -thr <= lo and hi <= thr:
         sign = ""
-        if end == "lambda_min" and hi < -rounding:
+        if end is low and hi < -rounding:
             sign = f"; it is below -{rounding:.2g} (rounding): negative curvature, so not a minimum"
-        elif end == "lambda_max" and lo > rounding:
+        elif end is high and lo > rounding:
             sign = f"; it is above {rounding:.2g} (rounding): positive curvature, so not a maximum"
         return "degenerate", (
-            f"{end} is in [{lo:.3g}, {hi:.3g}], within the zero threshold {thr:.3g}: the second-order "
+            f"{end.name} is in [{lo:.3g}, {hi:.3g}], within the zero threshold {thr:.3g}: the second-order "
             f"test is inconclusive (probing the null space needs the exact path){sign}"
         )
-    return "inconclusive", f"{end} is in [{lo:.3g}, {hi:.3g}], which straddles the zero threshold {thr:.3g}"
+    return "inconclusive", f"{end.name} is in [{lo:.3g}, {hi:.3g}], which straddles the zero threshold {thr:.3g}"
 
 
 def _descent_sign(u: Tensor, grad: Tensor) -> Tensor:

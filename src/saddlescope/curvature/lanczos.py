@@ -477,6 +477,7 @@ def eigs(
     memory_budget: int | None = None,
     basis_dtype: torch.dtype | None = None,
     miss_probability: float = DEFAULT_MISS_PROBABILITY,
+    require_bound: bool = False,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -512,6 +513,10 @@ def eigs(
         basis_dtype: store the basis in this precision instead of letting the plan choose (float32
             with float64 ``dtype``: partial reorthogonalisation).
         miss_probability: the misconvergence guard's level (:mod:`~saddlescope.curvature.stopping`).
+        require_bound: stop on converged residuals only under the random-start bound while it holds (a
+            random start, no thick restart), however large the basis; by default a basis of
+            ``max(2m + 1, 20)`` vectors also accepts them (ARPACK's ``ncv``, Lanczos's premise that the
+            converged pairs are the extreme ones). What a "minimum" needs (:func:`~saddlescope.analyze`).
 
     Raises:
         MemoryBudgetError: not even the smallest useful basis fits the budget (before any product).
@@ -539,12 +544,13 @@ def eigs(
         value_floor=_value_floor(op.dtype, stored, coarse), stop_below=stop_below, budget=budget,
         min_dim=min(n, m_max, max(2 * want + 1, 20)), n=n,
         miss_probability=miss_probability if random_start else None, coarse_basis=coarse,
+        require_bound=require_bound,
     )
     state: LanczosState | TwoPassState
     state = TwoPassState(v, vector_dtype=stored) if two_pass else LanczosState(v, m_max, seed, basis_dtype=stored)
     del v, v0  # the state holds its own (normalised) copy: a float64 vector less for the whole run
-    ritz, stop = _iterate(state, rule, apply, k, which, m_max, progress)
-    guard = rule.report(state, ritz, stop)
+    ritz, stop, before_restart = _iterate(state, rule, apply, k, which, m_max, progress)
+    guard = rule.report(state, ritz, stop, before_restart)
     # The wanted Ritz vectors, and the far end's (one call: a two-pass state spends a pass on it).
     picked = wanted(ritz.values, k, which, ritz.distinct)
     far = None
@@ -633,9 +639,11 @@ class CountedProduct:
 
 
 def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: CountedProduct, k: int, which: str,
-             m_max: int, progress: Callable[[int, int], None] | None) -> tuple[Ritz, str]:
+             m_max: int, progress: Callable[[int, int], None] | None) -> tuple[Ritz, str, dict[str, float] | None]:
     """Step, and restart when the basis is full, until the stopping rule (or a broken-down two-pass
-    recurrence) ends the run; the last Rayleigh–Ritz pairs and why it stopped."""
+    recurrence) ends the run; the last Rayleigh–Ritz pairs, why it stopped, and the random-start bounds
+    of the space just before the first thick restart (None without one: :meth:`StoppingRule.report`)."""
+    before_restart = None
     while True:
         if not state.full and apply.products < rule.budget:
             state.step(apply)
@@ -646,10 +654,12 @@ def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: Coun
         ritz = state.ritz()
         stop = rule.reason(state, ritz, apply.products)
         if stop is not None:
-            return ritz, stop
+            return ritz, stop, before_restart
         if state.full and isinstance(state, TwoPassState):
-            return ritz, "exhausted"  # the recurrence broke down: its Krylov space is invariant, its Ritz pairs exact
+            return ritz, "exhausted", None  # the recurrence broke down: its Krylov space is invariant, its Ritz pairs exact
         if state.full:
+            if not state.restarts:
+                before_restart = rule.bounds(state, ritz)
             converged = ritz.estimates <= rule.bound(ritz.values, state.norm_est)
             state.restart(ritz, restart_set(ritz, k, which, m_max, converged))
 
