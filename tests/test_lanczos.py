@@ -310,3 +310,22 @@ def test_the_random_start_bounds_from_before_the_first_restart_are_kept():
     assert res.all_converged and res.restarts > 0 and res.guard["bound_steps"] == 40
     assert 0 < res.guard["lambda_min_at_least"] <= float(eig[0])
     assert res.guard["lambda_max_at_most"] >= float(eig[-1])
+
+
+def test_patience_spares_the_pairs_inside_a_dense_bulk():
+    # Five outliers over a bulk of 595 eigenvalues in +-[0.01, 1]: the five outliers converge within a few
+    # products of the top one; pairs 6-10 lie in the bulk and would take 241 products. With patience 2 the
+    # run stops at three times the top pair's products with the outliers converged (to eigh) and the bulk
+    # pairs returned as what they are: unconverged Ritz values, each at most its eigenvalue (interlacing).
+    values = outlier_spectrum()
+    op = planted(values)
+    truth = torch.sort(torch.linalg.eigvalsh(op.matrix), descending=True).values[:10].flip(0)
+    full = ss.eigs(op, 10, "largest", tol=1e-8, seed=0)
+    quick = ss.eigs(op, 10, "largest", tol=1e-8, seed=0, patience=2.0)
+    assert full.all_converged and full.guard["stopped"] == "converged"
+    assert quick.guard["stopped"] == "patience" and quick.hvp_count * 4 < full.hvp_count
+    assert quick.converged.tolist() == [False] * 5 + [True] * 5
+    assert torch.allclose(quick.eigenvalues[5:], truth[5:], rtol=0, atol=1e-8 * 100)
+    assert bool((quick.eigenvalues[:5] <= truth[:5] + 1e-12).all())
+    with pytest.raises(errors.InvalidInputError, match="patience"):
+        ss.eigs(op, 10, "largest", patience=-1.0)

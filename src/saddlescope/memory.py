@@ -20,7 +20,11 @@ products' temporaries of the same size come from the heap, where freed space sta
 a loop of Hessian-vector products on a 5M-parameter MLP (float32, 20 MB a vector) grew the resident set
 by 295-345 MB while it held 40 MB (``/tmp/mem/loop.py``, 16 products). ``malloc_trim(0)`` after each
 product hands the freed pages back (madvise) without changing the allocator's policy for the rest of
-the process; the next product faults them in again, about 5% of a product's time there.
+the process; the next product faults them in again, about 5% of a product's time there, but at 124M
+parameters (GPT-2 on one CPU thread, its gradients in blocks of 2-9 MB under the raised threshold) a
+product right after it took 3.2-6.1 s against 2.1-2.8 s. So a two-pass eigensolver run at the default
+budget hands memory back only while free memory is short
+(:class:`~saddlescope.curvature.lanczos.CountedProduct`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -1271,8 +1272,16 @@ def _as_flat_tensor(theta0: Any, dtype: torch.dtype | None) -> Tensor:
     return t
 
 
+def all_finite(t: Tensor) -> bool:
+    """Is every entry of ``t`` finite? A NaN or inf anywhere makes the sum NaN or inf, so a finite sum
+    settles it in one reduction; only a sum that is not finite (a non-finite entry, or finite entries
+    whose sum overflows) is checked entry by entry. ``torch.isfinite(t).all()`` writes a boolean tensor
+    as long as ``t``: about 1 s at 124M entries on one CPU thread, against 2.3 s for a product."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _finite(value: Tensor, what: str, theta: Tensor) -> Tensor:
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise NonFiniteLossError(
             f"the {what} is not finite (NaN or inf) at theta with norm {float(theta.norm()):.3g}; "
             "check the data, the learning rate that led here, or use dtype=torch.float64"

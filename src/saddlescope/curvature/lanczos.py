@@ -79,7 +79,7 @@ from saddlescope.curvature.stopping import (
 )
 from saddlescope.curvature.two_pass import TwoPassState, widened_dot
 from saddlescope.errors import InvalidInputError
-from saddlescope.memory import return_freed_memory
+from saddlescope.memory import available_memory, return_freed_memory
 
 WHICH = ("largest", "smallest", "both")
 # Default product budget: max(20 * basis size, 500), at most DEFAULT_MAX_HVPS (what a 100-vector basis
@@ -478,6 +478,7 @@ def eigs(
     basis_dtype: torch.dtype | None = None,
     miss_probability: float = DEFAULT_MISS_PROBABILITY,
     require_bound: bool = False,
+    patience: float | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -517,12 +518,16 @@ def eigs(
             random start, no thick restart), however large the basis; by default a basis of
             ``max(2m + 1, 20)`` vectors also accepts them (ARPACK's ``ncv``, Lanczos's premise that the
             converged pairs are the extreme ones). What a "minimum" needs (:func:`~saddlescope.analyze`).
+        patience: once the extreme pair at each wanted end has converged after ``P`` products, the other
+            wanted pairs get until ``(1 + patience) P`` products; pairs not converged by then are returned as
+            they are (``converged`` says which; ``guard["stopped"] == "patience"``). What keeps pairs deep in
+            a dense bulk from costing hundreds of products nobody needs. None (default): the whole budget.
 
     Raises:
         MemoryBudgetError: not even the smallest useful basis fits the budget (before any product).
     """
     n = int(op.shape[0])
-    want = _checked(n, k, which, tol, relative_to, atol, miss_probability, krylov_dim)
+    want = _checked(n, k, which, tol, relative_to, atol, miss_probability, krylov_dim, patience)
     plan = budget_plan(op, n, want, memory_budget=memory_budget, krylov_dim=krylov_dim, basis_dtype=basis_dtype,
                         dtype=dtype)
     two_pass = plan.reorthogonalisation == TWO_PASS
@@ -531,7 +536,11 @@ def eigs(
     if budget < 1:
         raise InvalidInputError(f"max_hvps must be at least 1, got {budget}")
     stored = getattr(torch, plan.dtype.removeprefix("torch."))
-    apply = CountedProduct(op, torch.device(plan.device), dtype, lean=plan.reorthogonalisation != "full")
+    # A two-pass plan at the default budget hands freed memory back only while memory is short (see
+    # CountedProduct); an explicit budget, or a float32 basis, always.
+    trim_below = plan.budget if two_pass and memory_budget is None and plan.budget is not None else None
+    apply = CountedProduct(op, torch.device(plan.device), dtype, lean=plan.reorthogonalisation != "full",
+                           trim_below=trim_below)
     random_start = v0 is None
     if v0 is None:
         v0 = torch.randn(n, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=dtype)
@@ -544,7 +553,7 @@ def eigs(
         value_floor=_value_floor(op.dtype, stored, coarse), stop_below=stop_below, budget=budget,
         min_dim=min(n, m_max, max(2 * want + 1, 20)), n=n,
         miss_probability=miss_probability if random_start else None, coarse_basis=coarse,
-        require_bound=require_bound,
+        require_bound=require_bound, patience=patience,
     )
     state: LanczosState | TwoPassState
     state = TwoPassState(v, vector_dtype=stored) if two_pass else LanczosState(v, m_max, seed, basis_dtype=stored)
@@ -591,7 +600,7 @@ def eigs(
 
 
 def _checked(n: int, k: int, which: str, tol: float, relative_to: str, atol: float | None,
-             miss_probability: float, krylov_dim: int | None) -> int:
+             miss_probability: float, krylov_dim: int | None, patience: float | None = None) -> int:
     """:func:`eigs`'s arguments checked (clear errors before any product); the pairs wanted in all."""
     if which not in WHICH:
         raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
@@ -606,6 +615,8 @@ def _checked(n: int, k: int, which: str, tol: float, relative_to: str, atol: flo
         raise InvalidInputError(f"atol must be >= 0, got {atol}")
     if not (0 < miss_probability < 1):
         raise InvalidInputError(f"miss_probability must lie in (0, 1), got {miss_probability}")
+    if patience is not None and not (patience >= 0 and math.isfinite(patience)):
+        raise InvalidInputError(f"patience must be a finite number >= 0 or None, got {patience}")
     if krylov_dim is not None and min(n, krylov_dim) < min(n, want + 2):
         raise InvalidInputError(f"krylov_dim = {min(n, krylov_dim)} is too small for {want} pairs; use at least {want + 2}")
     return want
@@ -620,22 +631,35 @@ def _value_floor(op_dtype: torch.dtype, stored: torch.dtype, coarse: bool) -> fl
 
 class CountedProduct:
     """``A V`` as the eigensolver takes it: onto the operator's device and precision and back to where the
-    basis lives (``where``) in the recurrence's, counting products. ``lean``: a plan that had to economise,
-    which on the host hands what the allocator holds free back after every product
-    (:func:`saddlescope.memory.return_freed_memory`: otherwise the products' freed temporaries stay
-    resident)."""
+    basis lives (``where``) in the recurrence's, counting products.
 
-    def __init__(self, op: Any, where: torch.device, dtype: torch.dtype, *, lean: bool) -> None:
+    ``lean``: a plan that had to economise, which on the host hands what the allocator holds free back
+    after every product (:func:`saddlescope.memory.return_freed_memory`: otherwise the products' freed
+    temporaries stay resident). The next product faults those pages in again: about 5% of a product at 5M
+    parameters, but at 124M (GPT-2, one CPU thread) a product right after the hand-back took 3.2-6.1 s
+    against 2.1-2.8 s. So with ``trim_below`` (bytes) it hands memory back only while the host's free
+    memory is below that: what :func:`eigs` sets for a two-pass plan at the default budget (its budget, half
+    of what was free), where memory is plentiful until it is not. None: after every product."""
+
+    def __init__(self, op: Any, where: torch.device, dtype: torch.dtype, *, lean: bool,
+                 trim_below: int | None = None) -> None:
         self.op, self.where, self.dtype = op, where, dtype
         self.lean = lean and where.type == "cpu"
+        self.trim_below = trim_below
         self.products = 0
 
     def __call__(self, block: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         self.products += block.shape[1]
         out = self.op.matmat(block.to(self.op.device, self.op.dtype)).to(self.where, out_dtype or self.dtype)
-        if self.lean:
+        if self.lean and self._short_of_memory():
             return_freed_memory()
         return out
+
+    def _short_of_memory(self) -> bool:
+        if self.trim_below is None:
+            return True
+        free, _ = available_memory("cpu")
+        return free is None or free < self.trim_below
 
 
 def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: CountedProduct, k: int, which: str,
@@ -643,7 +667,7 @@ def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: Coun
     """Step, and restart when the basis is full, until the stopping rule (or a broken-down two-pass
     recurrence) ends the run; the last Rayleigh–Ritz pairs, why it stopped, and the random-start bounds
     of the space just before the first thick restart (None without one: :meth:`StoppingRule.report`)."""
-    before_restart = None
+    before_restart, lead_at = None, None
     while True:
         if not state.full and apply.products < rule.budget:
             state.step(apply)
@@ -652,7 +676,9 @@ def _iterate(state: LanczosState | TwoPassState, rule: StoppingRule, apply: Coun
         if not rule.due(state, apply.products):
             continue
         ritz = state.ritz()
-        stop = rule.reason(state, ritz, apply.products)
+        if rule.patience is not None and lead_at is None and rule.lead_converged(state, ritz):
+            lead_at = apply.products
+        stop = rule.reason(state, ritz, apply.products, lead_at)
         if stop is not None:
             return ritz, stop, before_restart
         if state.full and isinstance(state, TwoPassState):

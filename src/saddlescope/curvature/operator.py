@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.errors import InvalidInputError, NonFiniteLossError, ThetaError
-from saddlescope.objective import GradientGraph, GraphPlan, Objective
+from saddlescope.objective import GradientGraph, GraphPlan, Objective, all_finite
 
 
 class _Operator:
@@ -44,7 +44,7 @@ class _Operator:
         if vs.dim() != 2 or vs.shape[0] != self.shape[1]:
             raise ThetaError(f"V must have shape ({self.shape[1]}, k), got {tuple(vs.shape)}")
         out = self._matmat(vs.to(self.device, self.dtype))
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteLossError("a matrix-vector product is not finite (NaN or inf); check the model and data")
         return out.to(vs.dtype)
 

@@ -48,6 +48,7 @@ the digits MLP at initialisation, 21 -> 18.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -187,6 +188,9 @@ class StoppingRule:
         require_bound: with a random start and no restart, converged residuals are accepted only under
             the random-start bound, at any basis size (not by ``min_dim``): what a claim that rests on
             the extreme pair being the extreme one (a "minimum") needs.
+        patience: once the extreme pair at each wanted end has converged (guarded, as for k = 1) after
+            ``P`` products, the other wanted pairs get until ``(1 + patience) P`` products; then the run
+            stops (``"patience"``) with those that converged by then. None: they get the whole budget.
     """
 
     k: int
@@ -202,6 +206,7 @@ class StoppingRule:
     miss_probability: float | None = None
     coarse_basis: bool = False
     require_bound: bool = False
+    patience: float | None = None
 
     def floor(self, norm_est: float) -> float:
         if self.atol is not None:
@@ -253,15 +258,26 @@ class StoppingRule:
                 return False
         return True
 
-    def reason(self, state: KrylovState, ritz: Ritz, products: int) -> str | None:
-        """Why to stop now (``"certificate"``, ``"converged"``, ``"budget"``, ``"exhausted"``), or None."""
+    def converged(self, state: KrylovState, ritz: Ritz) -> bool:
+        """Have the wanted pairs reached their residual bound, guarded against misconvergence?"""
+        idx = wanted(ritz.values, self.k, self.which, ritz.distinct)
+        return bool((ritz.estimates[idx] <= self.bound(ritz.values[idx], state.norm_est)).all()) and self.guarded(state, ritz)
+
+    def lead_converged(self, state: KrylovState, ritz: Ritz) -> bool:
+        """Has the extreme pair at each wanted end converged (what ``patience`` counts from)?"""
+        return dataclasses.replace(self, k=1).converged(state, ritz)
+
+    def reason(self, state: KrylovState, ritz: Ritz, products: int, lead_at: int | None = None) -> str | None:
+        """Why to stop now (``"certificate"``, ``"converged"``, ``"patience"``, ``"budget"``, ``"exhausted"``),
+        or None; ``lead_at``: the products at which :meth:`lead_converged` first held."""
         if self.stop_below is not None and float(ritz.values[0]) < self.stop_below:
             return "certificate"  # a Rayleigh quotient needs no convergence, at any Krylov size
         if state.j < self.min_dim and products < self.budget and not self._random_start(state):
             return None
-        idx = wanted(ritz.values, self.k, self.which, ritz.distinct)
-        if bool((ritz.estimates[idx] <= self.bound(ritz.values[idx], state.norm_est)).all()) and self.guarded(state, ritz):
+        if self.converged(state, ritz):
             return "converged"
+        if self.patience is not None and lead_at is not None and products >= (1 + self.patience) * lead_at:
+            return "patience"
         if products >= self.budget:
             return "budget"
         if state.j >= self.n:
@@ -292,7 +308,8 @@ class StoppingRule:
         bounds that hold together, on the one event that the start is not nearly orthogonal to the extreme
         eigenvector, so an earlier space's bounds stay valid after the restart; ``bound_steps`` says from
         how many steps."""
-        rule = {"converged": "minimum Krylov dimension" if self._by_min_dim(state) else "random-start bound"}.get(stop)
+        rule = {"converged": "minimum Krylov dimension" if self._by_min_dim(state) else "random-start bound",
+                "patience": "the extreme pair converged; the others ran out of patience"}.get(stop)
         if stop == "converged" and (state.j >= self.n or state.saw_invariant):
             rule = "exact"
         out: dict[str, Any] = {"stopped": stop, "rule": rule, "steps": state.j, "min_dim": self.min_dim,
