@@ -177,3 +177,15 @@ def test_a_layernorm_model_matches_finite_differences():
     truth = torch.linalg.eigvalsh(fd)
     cp = ss.analyze(obj, theta, exact=True)
     assert torch.allclose(cp.eigenvalues, truth, rtol=0, atol=1e-6 * float(truth.abs().max()))
+
+
+def test_the_gradient_norm_of_a_million_float32_entries_is_summed_in_float64():
+    # torch sums a float32 norm in float32: at 1M entries it reads 9e-6 low, at 124M 1.3% low. The verdict's
+    # |grad| (what grad_tol is compared with) is summed in float64.
+    n = 1_000_000
+    a = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 1e-3
+    obj = ss.Objective.from_function(lambda th: th @ a, torch.zeros(n, dtype=torch.float32))
+    truth = float(a.double().norm())
+    cp = ss.analyze(obj, exact=False, index_probes=0, k=1)
+    assert cp.kind == "not_critical"
+    assert cp.grad_norm == pytest.approx(truth, rel=1e-7)

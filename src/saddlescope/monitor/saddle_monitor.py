@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from saddlescope.critical import CriticalPoint, analyze
+from saddlescope.curvature.two_pass import widened_norm
 from saddlescope.display import saddle_monitor_html
 from saddlescope.errors import InvalidInputError, NotADescentPointError, SaddlescopeError
 from saddlescope.escape.step import escape
@@ -281,7 +282,7 @@ class SaddleMonitor:
     def _data_grad_norm(self) -> float:
         objective = self.objective()
         _, grad = objective.loss_and_grad(objective.theta0)
-        return float(grad.norm())
+        return widened_norm(grad, torch.float64)  # a float32 norm summed in float32 reads low at scale
 
     def _respond(self, detection: Detection) -> MonitorEvent | None:
         """The event for a detection, or None for a stall inside the back-off spacing."""
