@@ -824,8 +824,9 @@ class _End:
     ``outer``: the residual bound :math:`\theta_b - r_b` holds when the pair is the smallest one (Lanczos's
     premise); the run's random-start bound :math:`\lambda_{min} \ge L` (``EigenResult.guard``) holds with
     probability at least ``1 - miss_probability`` over the start, premise or not. Where the bound exists
-    ``outer`` is the lesser of the two, true if either is, and ``backing`` says which; without it (a thick
-    restart, a given start) ``outer`` rests on the premise and ``backing`` says that. Mirrored at the top.
+    ``outer`` is the lesser of the two, true if either is, and ``backing`` says so; without it (a start the
+    run did not draw at random) ``outer`` rests on the premise and ``backing`` says that. Mirrored at the top
+    (the greater of :math:`\theta_t + r_t` and the bound :math:`\lambda_{max} \le U`).
     """
 
     name: str  # "lambda_min" or "lambda_max"
