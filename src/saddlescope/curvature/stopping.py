@@ -38,9 +38,9 @@ event that the start is not nearly orthogonal to the extreme eigenvector. Once t
 ``max(2m + 1, 20)`` vectors the former rule still accepts converged residuals (waiting for the bound
 there cost 5-25% more products on slowly converging ends), so no run spends more products than before,
 unless ``require_bound``: then converged residuals count only under the bound while it holds, at any
-basis size (what :func:`~saddlescope.analyze` asks of its bottom run, on which a "minimum" rests: +4 to
-+26% products on planted spectra of 300-2,000 eigenvalues). With a start the caller chose
-(``v0``) only the former rule applies. No single-vector Krylov method sees a second copy of a (nearly)
+basis size (what :func:`~saddlescope.analyze` asks of its bottom run, on which a "minimum" rests: +3 to
++26% products on planted spectra of 500-2,000 eigenvalues, none where the run restarted). With a start
+the caller chose (``v0``) only the former rule applies. No single-vector Krylov method sees a second copy of a (nearly)
 repeated eigenvalue; the guard does not claim to. Top-1 at ``tol=1e-4`` (products, confirmation
 included, before -> now): the planted spectrum of the tests with 5 outliers up to 100, 21 -> 8-10;
 the digits MLP at initialisation, 21 -> 18.
