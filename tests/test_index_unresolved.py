@@ -156,7 +156,7 @@ def test_analyze_says_what_an_unresolved_estimate_proved_with_no_inf_anywhere(tm
 def test_an_unresolved_stop_the_bracket_did_not_prove_says_so():
     # The quadrature's own figure passed UNRESOLVED_SKIP after all its steps, the bracket proved less:
     # the text gives both, with no +- inf.
-    from saddlescope.critical import _unresolved_quantities
+    from saddlescope.verdict.ends import unresolved_quantities as _unresolved_quantities
     from saddlescope.curvature.index import IndexEstimate
 
     inf = float("inf")
