@@ -412,12 +412,19 @@ def _param_grad_norm(params: list[Tensor]) -> float | None:
     grads = [p.grad for p in params if p.requires_grad and p.grad is not None]
     if not grads:
         return None
-    # One fused kernel for all the norms (what clip_grad_norm_ uses) and one sync: this runs every step.
-    norms = _foreach_norm(grads) if _foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))  # stack promotes mixed dtypes
+    # One fused kernel for all the norms (what clip_grad_norm_ uses) and one sync: this runs every step. Each
+    # gradient in chunks, their norms combined in float64 (see _NORM_CHUNK).
+    chunks = [chunk for g in grads for chunk in torch.split(g.reshape(-1), _NORM_CHUNK)]
+    norms = _foreach_norm(chunks) if _foreach_norm is not None else [torch.linalg.vector_norm(c) for c in chunks]
+    return float(torch.linalg.vector_norm(torch.stack(norms).to(torch.float64)))  # stack promotes mixed dtypes
 
 
 _foreach_norm = getattr(torch, "_foreach_norm", None)
+
+# torch sums a float32 norm in float32: one kernel over a 38M-entry gradient (an embedding) read 0.22% low, over
+# 4M 8e-5. In chunks of this many entries, the chunks' norms combined in float64, 2e-7 low at 38M, for 1.5x the
+# fused kernel's time (0.014 against 0.009 s at 38M, one CPU thread); widening every entry to float64 took 20x.
+_NORM_CHUNK = 1 << 16
 
 
 def _write_params(model: nn.Module, objective: Objective, theta: Tensor) -> None:
