@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,21 @@ def table(times: dict[str, list[float]], baseline: str, unit: str = "ms") -> str
 
 def environment() -> dict[str, object]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "commit": commit()}
+
+
+def commit() -> str:
+    """The code measured: the checkout's commit, ``+changes`` when the work tree differs from it."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return head + ("+changes" if dirty else "")
 
 
 def save(name: str, payload: dict, markdown: str) -> None:

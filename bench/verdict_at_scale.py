@@ -200,7 +200,8 @@ def memory_markdown(rows: list[dict]) -> str:
 
 
 def markdown(payload: dict) -> str:
-    lines = ["# A verdict at scale: saddlescope against PyHessian's top-1 (issue 16)", "",
+    sizes = " and ".join(f"{row['params']:,}" for row in payload["rows"])
+    lines = [f"# A verdict at scale, {sizes} parameters: saddlescope against PyHessian's top-1 (issue 16)", "",
              (f"Environment: {payload['environment']}; load average before {payload['load_before']}, after "
              f"{payload['load_after']}. tanh MLP 64-h-h-10, float32, {TRAIN_STEPS} Adam steps on all 1,797 digits "
              "(one batch). Peak = growth of the resident set's high-water mark during the run."), "",
