@@ -272,6 +272,8 @@ def classify_spectrum(eigenvalues: Tensor, zero_threshold: float) -> tuple[str, 
 
 
 def not_critical(grad_norm: float, grad_tol: float, negative: float | None) -> tuple[str, str, str]:
+    """``(kind, resolved_by, reason)`` of a point whose gradient exceeds ``grad_tol``; the reason names the
+    negative curvature ``negative`` where there is some."""
     reason = f"|grad| = {grad_norm:.3g} > grad_tol = {grad_tol:.3g}"
     if negative is not None:
         reason += f"; negative curvature {negative:.3g} is present"
