@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from saddlescope.objective import DEFAULT_EXACT_BUDGET_BYTES, GradientGraph, Objective
-from saddlescope.objective import _default_chunk as _exact_chunk  # the exact build's chunk, timed here
+from saddlescope.objective.objective import hessian_chunk  # the exact build's chunk, timed here
 
 __all__ = ["EXACT_AFFORDABLE_S", "EXACT_MAX_PARAMS", "ITERATIVE_BASE_PRODUCTS", "PathPlan", "plan_path"]
 
@@ -107,7 +107,7 @@ def plan_path(
     # products reuse the kept graphs, or rebuild those that do not fit (GraphPlan), and are timed so.
     graph = objective.gradient_graph(theta)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    chunk = min(n, _exact_chunk(n))
+    chunk = min(n, hessian_chunk(n))
     vectors = torch.randn(chunk, n, generator=gen, dtype=torch.float64).to(objective.device, objective.dtype)
     graph.hvp(vectors[0])  # warm-up: lazy imports and first-call costs belong to no path
     times = [_timed(lambda: graph.hvp(vectors[0]), objective.device)]

@@ -1,41 +1,14 @@
-r"""The objective: one pure function of one flat parameter vector.
-
-Everything above this layer sees a 1-D tensor :math:`\theta` and four methods:
-
-.. math::
-
-    L(\theta) = \frac{\sum_b n_b \, \ell_b(\theta)}{\sum_b n_b}, \qquad
-    g(\theta) = \nabla L(\theta), \qquad
-    H(\theta)\,v = \nabla\big(g(\theta)^\top v\big), \qquad
-    H(\theta) = \nabla^2 L(\theta),
-
-where :math:`\ell_b` is the (mean) loss of batch :math:`b` of :math:`n_b` samples, so the
-Hessian over several batches is exactly the full-data Hessian (a loss that sums over its batch is
-added instead: :math:`L = \sum_b \ell_b`). The data are one fixed set: batches are read once and
-kept, or a loader is re-read on every pass and each pass checked to hold the first pass's batches.
-
-Under ``torch.distributed`` the batches of every rank enter the same sums: each rank divides its
-local sum by the global count and one all-reduce per loss, gradient or batch of products adds the
-ranks' parts (:mod:`saddlescope.distributed`).
-
-One HVP engine serves the whole package: :class:`GradientGraph`. It computes the gradient at
-:math:`\theta` once with ``create_graph=True`` and answers every product :math:`Hv` with one
-backward pass through that graph (double backward). ``bench/hvp_engines.py`` measures why:
-forward-over-reverse ``jvp(grad(f))`` rebuilds the gradient for every product and costs several
-gradients; the reused graph costs about one and a half. With several data batches, each batch's
-graph is kept while they fit a memory budget and rebuilt for every product beyond it
-(:class:`GraphPlan`; ``bench/everyday.py`` measures the difference).
-"""
+r"""The :class:`Objective` (:math:`\theta` -> loss, gradient, Hessian-vector products, Hessian and
+blocks, over an analytic function or a model, a loss and data, summed over ``torch.distributed`` ranks
+when sharded) and the package's one HVP engine, :class:`GradientGraph`: the gradient at :math:`\theta`
+kept differentiable so that each product is one backward pass through it, each data batch's graph kept
+between products while :class:`GraphPlan`'s memory budget allows. The math is in
+:mod:`saddlescope.objective`."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import hashlib
-import inspect
-import itertools
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,36 +16,31 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from saddlescope import distributed as dist_helpers
 from saddlescope.errors import (
-    BatchShapeError,
-    DataChangedError,
     DistributedError,
     EmptyDataError,
     InvalidInputError,
-    NonFiniteLossError,
     NonScalarLossError,
-    NoTrainableParametersError,
     ThetaError,
     TooLargeError,
     UnsupportedModelError,
 )
 from saddlescope.memory import SavedTensorBytes, available_memory, describe_bytes
+from saddlescope.objective.checks import finite
+from saddlescope.objective.data import Batch, Cast, FixedBatches, data_passes, input_elements
+from saddlescope.objective.model_call import ModelCall, ParameterLayout, resolve_reduction
+
+__all__ = [
+    "DEFAULT_EXACT_BUDGET_BYTES", "KEPT_GRAPHS_MEMORY_SHARE", "UNKNOWN_MEMORY_BUDGET_BYTES", "GradientGraph",
+    "GraphPlan", "Objective", "hessian_chunk", "one_time_costs",
+]
+
 
 # Bytes an exact Hessian may take by default: the matrix, the copy eigh works on and the
 # eigenvectors (3 n^2 numbers); 2 GiB admits ~9,400 float64 parameters.
 DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch of data with its weight in the full-data mean."""
-
-    inputs: Any
-    targets: Any
-    size: int
 
 
 class Objective:
@@ -232,21 +200,21 @@ class Objective:
             raise InvalidInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise InvalidInputError(f"max_batches must be a positive integer, got {max_batches!r}")
-        reduction = _resolve_reduction(loss_fn, reduction)
+        reduction = resolve_reduction(loss_fn, reduction)
         sharded = _use_distributed(distributed)
-        layout = _ParameterLayout.of(model, params)
+        layout = ParameterLayout.of(model, params)
         dtype, device = layout.compute_dtype(dtype), layout.compute_device(device)
-        cast = _Cast(device, dtype)
+        cast = Cast(device, dtype)
         layout = layout.cast(cast)
-        call = _ModelCall(model, train_mode)
+        call = ModelCall(model, train_mode)
         try:
-            passes = _data_passes(data, cast, max_batches)
+            passes = data_passes(data, cast, max_batches)
         except EmptyDataError:
             if not sharded:
                 raise
             # An empty shard still takes part in the count exchange, so every rank fails with the
             # same message instead of its peers timing out.
-            passes = _FixedBatches([])
+            passes = FixedBatches([])
 
         def batch_loss(theta: Tensor, batch: Batch) -> Tensor:
             outputs = call(layout.state(theta, fresh_fixed=train_mode), batch.inputs)
@@ -265,7 +233,7 @@ class Objective:
         )
         obj._held = list(layout.fixed.values())
         if max_batches is not None:
-            assert isinstance(passes, _FixedBatches)  # a limit is always read once and kept
+            assert isinstance(passes, FixedBatches)  # a limit is always read once and kept
             obj.description["subset"] = passes.describe_subset(max_batches)
         obj._count_samples(reduction, sharded)
         obj.loss(obj.theta0)  # fail now, with the model's own message, not mid-analysis
@@ -399,7 +367,7 @@ class Objective:
         theta = self.check_theta(theta)
         with torch.no_grad():
             value = self._all_sum(self._total(theta), "the loss")
-        return _finite(value, "loss", theta)
+        return finite(value, "loss", theta)
 
     def grad(self, theta: Tensor) -> Tensor:
         """:math:`\\nabla L(\\theta)`."""
@@ -422,8 +390,8 @@ class Objective:
         if not seen:
             raise EmptyDataError("the data yielded no batch")
         loss, grad = self._all_sum_pair(loss, grad, "the loss and gradient")
-        _finite(loss, "loss", theta)
-        _finite(grad, "gradient", theta)
+        finite(loss, "loss", theta)
+        finite(grad, "gradient", theta)
         return loss, grad
 
     def gradient_graph(
@@ -471,7 +439,7 @@ class Objective:
             )
         graph = self.gradient_graph(theta)
         if chunk_size is None:
-            chunk_size = _default_chunk(n)
+            chunk_size = hessian_chunk(n)
         hess = torch.empty((n, n), dtype=self.dtype, device=self.device)
         eye_rows = torch.eye(chunk_size, dtype=self.dtype, device=self.device)
         for start in range(0, n, chunk_size):
@@ -482,7 +450,7 @@ class Objective:
             if progress is not None:
                 progress(stop, n)
         hess = 0.5 * (hess + hess.T)
-        _finite(hess, "Hessian", theta)
+        finite(hess, "Hessian", theta)
         return hess
 
     def blocks(self, by: str | Callable[[str], str] = "module") -> dict[str, Tensor]:
@@ -522,13 +490,58 @@ class Objective:
         )
 
 
+def _as_flat_tensor(theta0: Any, dtype: torch.dtype | None) -> Tensor:
+    try:
+        t = torch.as_tensor(theta0) if isinstance(theta0, Tensor) else torch.as_tensor(theta0, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ThetaError(f"theta0 must be convertible to a tensor: {exc}") from exc
+    if dtype is None:
+        dtype = t.dtype if t.is_floating_point() else torch.float64
+    if not dtype.is_floating_point:
+        raise ThetaError(f"theta0 dtype must be floating, got {dtype}")
+    t = t.to(dtype).detach().clone()
+    if t.dim() != 1 or t.numel() == 0:
+        raise ThetaError(f"theta0 must be a non-empty 1-D vector, got shape {tuple(t.shape)}")
+    return t
+
+
+def hessian_chunk(n: int) -> int:
+    """Basis vectors per batched product when the exact Hessian is built (:meth:`Objective.hessian`): large
+    enough that each batched backward is matrix-shaped, small enough to bound memory."""
+    return max(1, min(n, 32))
+
+
+def _use_distributed(distributed: bool | None) -> bool:
+    """Resolve ``from_model``'s ``distributed`` argument against the process's state."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise InvalidInputError(f"distributed must be True, False or None, got {distributed!r}")
+    if distributed is False:
+        return False
+    active = dist_helpers.is_distributed()
+    if distributed and not active:
+        raise DistributedError(
+            "distributed=True but no torch.distributed process group is initialised; launch with torchrun "
+            "and call saddlescope.distributed.init_from_env() (or torch.distributed.init_process_group) first"
+        )
+    return active
+
+
+def _fingerprint_int(fingerprint: str) -> int:
+    """A 16-hex-digit fingerprint as a signed 64-bit int (to travel in an int64 tensor)."""
+    value = int(fingerprint, 16)
+    return value - 2**64 if value >= 2**63 else value
+
+
 # Kept gradient graphs (GradientGraph, keep_graphs=None) may take this share of the memory free when
 # they are built (host memory on a CPU, the GPU's own on a GPU): the other half is left to the Krylov
 # basis, the products' temporaries and the rest of the process.
 KEPT_GRAPHS_MEMORY_SHARE = 0.5
+
+
 # Their budget where the free memory cannot be read (a device other than CPU or CUDA, no /proc/meminfo
 # and no psutil).
 UNKNOWN_MEMORY_BUDGET_BYTES = 1024**3
+
 
 # One-time costs paid in this process (seconds, by name): see _pay_one_time_costs.
 _ONE_TIME_COSTS: dict[str, float] = {}
@@ -661,7 +674,7 @@ class GradientGraph:
         self._kept: list[tuple[Tensor, Tensor]] = []  # (leaf, gradient) of the first plan.kept batches
         self._linear_checked: set[int] = set()
         loss, grad = objective._all_sum_pair(*self._with_fallback(self._build_all), "the loss and gradient")
-        self.loss, self.grad = _finite(loss, "loss", self.theta), _finite(grad, "gradient", self.theta)
+        self.loss, self.grad = finite(loss, "loss", self.theta), finite(grad, "gradient", self.theta)
 
     def _build_all(self) -> tuple[Tensor, Tensor]:
         """This rank's loss and gradient (not yet summed over ranks, nor checked finite: a NaN
@@ -717,10 +730,10 @@ class GradientGraph:
     def _auto_plan(self, bytes_per_graph: int, budget: int, source: str) -> GraphPlan:
         """Keep the first batches whose graphs fit ``budget`` together. A batch with more input
         elements than the first is expected to hold proportionally more."""
-        first = max(_elements(self._batches[0].inputs), 1)
+        first = max(input_elements(self._batches[0].inputs), 1)
         total, kept = 0.0, 0
         for batch in self._batches:
-            need = bytes_per_graph * max(1.0, _elements(batch.inputs) / first)
+            need = bytes_per_graph * max(1.0, input_elements(batch.inputs) / first)
             if total + need > budget:
                 break
             total, kept = total + need, kept + 1
@@ -861,380 +874,6 @@ class GradientGraph:
         return out
 
 
-# ------------------------------------------------------------ from_model's pieces: loss, parameters, calls
-REDUCTIONS = ("mean", "sum")
-
-
-def _resolve_reduction(loss_fn: Callable[..., Any], reduction: str | None) -> str:
-    """How ``loss_fn`` reduces a batch: ``"mean"`` (weighted by batch size) or ``"sum"`` (added).
-
-    The rule: the loss's own declaration (its ``reduction`` attribute, as ``torch.nn`` losses and the
-    named losses of :mod:`saddlescope.loading` have, or the ``reduction`` keyword of a
-    ``functools.partial``) and the ``reduction`` argument must agree where both are given; either one
-    alone decides; with neither, ``"mean"``. ``"batchmean"`` (``nn.KLDivLoss``: a sum over each
-    sample, a mean over samples) is a mean over samples. ``"none"`` is refused: per-sample losses are
-    not one number per batch.
-    """
-    declared = getattr(loss_fn, "reduction", None)
-    if declared is None and isinstance(loss_fn, functools.partial):
-        declared = loss_fn.keywords.get("reduction")
-    if not isinstance(declared, str):  # an attribute that happens to share the name
-        declared = None
-    if declared == "batchmean":
-        declared = "mean"
-    for value, whose in ((reduction, "reduction"), (declared, "loss_fn has reduction")):
-        if value is not None and value not in REDUCTIONS:
-            raise (NonScalarLossError if value == "none" else InvalidInputError)(
-                f"{whose}={value!r}, but the objective needs one number per batch: "
-                + ("with 'none' the loss returns one per sample, not a scalar; " if value == "none" else "")
-                + "use reduction='mean' (the loss is then the mean over all samples) or 'sum' (their sum)"
-            )
-    if reduction is not None and declared is not None and reduction != declared:
-        raise InvalidInputError(
-            f"loss_fn has reduction={declared!r} but reduction={reduction!r} was passed; leave out the "
-            "argument (the loss's own reduction is used) or make them agree"
-        )
-    return reduction or declared or "mean"
-
-
-@dataclass(frozen=True)
-class _Cast:
-    """Moves data to the compute device, floating tensors also to the compute dtype (inside dicts too)."""
-
-    device: torch.device
-    dtype: torch.dtype
-
-    def __call__(self, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            value = value.to(self.device)
-            return value.to(self.dtype) if value.is_floating_point() else value
-        if isinstance(value, Mapping):
-            return {k: self(v) for k, v in value.items()}
-        return value
-
-
-@dataclass(frozen=True)
-class _ParameterLayout:
-    """The map between ``theta`` and a model's named tensors.
-
-    ``theta`` is the concatenation of the flattened trainable tensors, in ``names`` order; ``fixed``
-    holds the rest of the model's state (frozen parameters, buffers), passed unchanged to every call.
-    """
-
-    names: list[str]
-    shapes: list[torch.Size]
-    values: list[Tensor]  # the trainable tensors at the starting point
-    fixed: dict[str, Tensor]
-
-    @classmethod
-    def of(cls, model: Any, params: Iterable[str] | Mapping[str, Tensor] | None) -> _ParameterLayout:
-        if isinstance(model, nn.Module):
-            return cls._of_module(model, params)
-        if isinstance(model, type):
-            name = model.__name__
-            raise InvalidInputError(f"model is the class {name}; pass an instance, {name}(...)")
-        if callable(model):
-            return cls._of_function(params)
-        raise InvalidInputError(
-            f"model must be an nn.Module or a function f(params, inputs), got {type(model).__name__}"
-        )
-
-    @classmethod
-    def _of_module(cls, model: nn.Module, params: Any) -> _ParameterLayout:
-        if isinstance(params, Mapping):
-            raise InvalidInputError(
-                "for an nn.Module, params names the parameters to differentiate (a list of names); to "
-                "start from other values, load them into the module (model.load_state_dict)"
-            )
-        named = dict(model.named_parameters())
-        if params is None:
-            trainable = [n for n, p in named.items() if p.requires_grad]
-        else:
-            trainable = list(params)
-            unknown = [n for n in trainable if n not in named]
-            if unknown:
-                raise InvalidInputError(
-                    f"params names {unknown} are not parameters of the model; "
-                    f"known: {list(named)[:8]}{'...' if len(named) > 8 else ''}"
-                )
-        if not trainable:
-            raise NoTrainableParametersError(
-                "the model has no parameter with requires_grad=True to differentiate; "
-                "unfreeze some (p.requires_grad_(True)) or name them with params=[...]"
-            )
-        chosen = set(trainable)
-        fixed = {n: p.detach() for n, p in named.items() if n not in chosen}
-        fixed.update({n: b.detach() for n, b in model.named_buffers()})
-        values = [named[n].detach() for n in trainable]
-        return cls(trainable, [v.shape for v in values], values, fixed)
-
-    @classmethod
-    def _of_function(cls, params: Any) -> _ParameterLayout:
-        if not isinstance(params, Mapping) or not params:
-            raise InvalidInputError(
-                "a function model f(params, inputs) needs its starting point: pass params={name: tensor}, "
-                "e.g. {n: p.detach() for n, p in module.named_parameters()}"
-            )
-        bad = [n for n, t in params.items()
-               if not (isinstance(n, str) and isinstance(t, Tensor) and t.is_floating_point())]
-        if bad:
-            raise InvalidInputError(f"params must map names (str) to floating tensors; {bad[:4]} do not")
-        values = [t.detach() for t in params.values()]
-        return cls(list(params), [v.shape for v in values], values, {})
-
-    def compute_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        dtype = dtype or self.values[0].dtype
-        if not dtype.is_floating_point:
-            raise InvalidInputError(f"dtype must be a floating dtype, got {dtype}")
-        return dtype
-
-    def compute_device(self, device: torch.device | str | None) -> torch.device:
-        return torch.device(device) if device is not None else self.values[0].device
-
-    def cast(self, cast: _Cast) -> _ParameterLayout:
-        return dataclasses.replace(self, values=[cast(v) for v in self.values],
-                                   fixed={n: cast(t) for n, t in self.fixed.items()})
-
-    @property
-    def theta0(self) -> Tensor:
-        return torch.cat([v.reshape(-1) for v in self.values])
-
-    def state(self, theta: Tensor, fresh_fixed: bool = False) -> dict[str, Tensor]:
-        """Every named tensor of the model at ``theta``; ``fresh_fixed`` copies the fixed ones (a
-        BatchNorm in training mode updates its buffers in place: keep ours pristine)."""
-        state = {n: t.clone() for n, t in self.fixed.items()} if fresh_fixed else dict(self.fixed)
-        sizes = [s.numel() for s in self.shapes]
-        state.update(zip(self.names, (t.view(s) for t, s in zip(torch.split(theta, sizes), self.shapes))))
-        return state
-
-
-class _ModelCall:
-    """One call of the model on a batch's inputs, with the named tensors given.
-
-    A module runs through ``functional_call`` in the requested mode (its own mode is restored); a
-    function runs as ``f(state, inputs)``. A tensor input is the one argument. A dict input is spread
-    as keyword arguments when every key names a parameter of the callee (``forward`` after ``self``,
-    ``f`` after ``params``) or the callee takes ``**kwargs``; it is the one argument when the callee
-    has exactly one required positional parameter (or, with none required, one positional parameter)
-    and its name is not a key. Anything else is refused, naming both.
-    """
-
-    def __init__(self, model: Any, train_mode: bool) -> None:
-        self.model = model
-        self.is_module = isinstance(model, nn.Module)
-        if train_mode and not self.is_module:
-            raise InvalidInputError("train_mode applies to an nn.Module; a function has no training mode")
-        self.train_mode = train_mode
-        kind = type(model).__name__
-        self.name = kind if self.is_module else getattr(model, "__name__", kind)
-        self.parameters = _callee_parameters(model)
-        self._spread: dict[frozenset[Any], bool] = {}
-
-    def __call__(self, state: dict[str, Tensor], inputs: Any) -> Any:
-        args, kwargs = self._arguments(inputs)
-        try:
-            if not self.is_module:
-                return self.model(state, *args, **kwargs)
-            was_training = self.model.training
-            self.model.train(self.train_mode)
-            try:
-                return functional_call(self.model, state, args, kwargs)
-            finally:
-                self.model.train(was_training)
-        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-            raise BatchShapeError(
-                f"the model failed on a batch with inputs {_describe(inputs)}: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                "check that the data match the model"
-            ) from exc
-
-    def _arguments(self, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if not isinstance(inputs, Mapping):
-            return (inputs,), {}
-        keys = frozenset(inputs)
-        if keys not in self._spread:
-            self._spread[keys] = self._spreads(keys)
-        return ((), dict(inputs)) if self._spread[keys] else ((dict(inputs),), {})
-
-    def _spreads(self, keys: frozenset[Any]) -> bool:
-        if self.parameters is None:  # no signature to read (a builtin): keywords, as before
-            return True
-        kinds = inspect.Parameter
-        if any(p.kind is kinds.VAR_KEYWORD for p in self.parameters):
-            return True
-        named = {p.name for p in self.parameters
-                 if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
-        if keys <= named:
-            return True
-        positional = [p for p in self.parameters
-                      if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
-        required = [p for p in positional if p.default is p.empty]
-        candidates = required or positional
-        if len(candidates) == 1 and candidates[0].name not in keys:
-            return False
-        callee = f"{self.name}.forward" if self.is_module else self.name
-        raise BatchShapeError(
-            f"the inputs are a dict with keys {sorted(map(str, keys))}, but {callee}"
-            f"({', '.join(p.name for p in self.parameters)}) takes them neither as keyword arguments nor as "
-            "one argument; name the keys after its parameters, or give it one parameter for the whole dict"
-        )
-
-
-def _callee_parameters(model: Any) -> list[inspect.Parameter] | None:
-    """The parameters a batch's inputs bind to: ``forward``'s (without ``self``) for a module, ``f``'s
-    after ``params`` for a function; None when Python cannot tell."""
-    try:
-        signature = inspect.signature(model.forward if isinstance(model, nn.Module) else model)
-    except (TypeError, ValueError):
-        return None
-    parameters = list(signature.parameters.values())
-    if isinstance(model, nn.Module) or not parameters or parameters[0].kind is parameters[0].VAR_POSITIONAL:
-        return parameters
-    return parameters[1:]
-
-
-# ------------------------------------------------------------------- from_model's pieces: data passes
-class _FixedBatches:
-    """Batches read once and kept: every pass yields the same tensors."""
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
-
-    def __call__(self) -> list[Batch]:
-        return self.batches
-
-    def describe_subset(self, max_batches: int) -> dict[str, Any]:
-        return {"max_batches": max_batches, "batches": len(self.batches),
-                "samples": sum(b.size for b in self.batches), "fingerprint": _fingerprint(self.batches)}
-
-
-class _CheckedPasses:
-    """A re-iterable loader, read again on every pass; each complete pass must yield the first one's data.
-
-    A pass's signature is the sorted list of its batches' sizes and digests (:func:`_batch_digest`).
-    The order of the batches may change, since the loss is a sum over batches (only rounding
-    differs); what is in a batch may not: a loader that reshuffles or draws random transforms gives
-    another data set, or other batches for a loss that couples a batch's samples (batch statistics,
-    in-batch negatives), on every pass, and each loss, gradient and product would be of a different
-    function. The digest reads each byte once as the loader gave it (SHA-1, over 1 GB/s): about a tenth
-    of a forward pass of a 64-32-10 MLP, less for anything larger, and a small part of reading the loader.
-    """
-
-    def __init__(self, data: Iterable[Any], cast: _Cast) -> None:
-        self.data, self.cast = data, cast
-        self.reference: list[tuple[int, str]] | None = None
-        self.completed = 0
-
-    def __call__(self) -> Iterator[Batch]:
-        signature = []
-        for raw in self.data:
-            batch = _make_batch(raw, self.cast)
-            if batch.size == 0:
-                continue
-            signature.append((batch.size, _batch_digest(raw)))
-            yield batch
-        self._check(sorted(signature))
-
-    def _check(self, signature: list[tuple[int, str]]) -> None:
-        self.completed += 1
-        if self.reference is None:
-            self.reference = signature
-            return
-        if signature == self.reference:
-            return
-        first, now = self.reference, signature
-        counts = [(sum(size for size, _ in s), len(s)) for s in (first, now)]
-        if counts[0] != counts[1]:
-            (first_samples, first_batches), (samples, batches) = counts
-            detail = f"{samples} samples in {batches} batches, the first {first_samples} in {first_batches}"
-        else:
-            unmatched = len(now) - sum(min(now.count(b), first.count(b)) for b in set(now))
-            detail = f"{unmatched} of {len(now)} batches hold other data than any batch of the first pass"
-        raise DataChangedError(
-            f"the data changed between passes (pass {self.completed}: {detail}): a DataLoader with "
-            "shuffle=True or random transforms makes every pass another data set, and each loss, gradient "
-            "and Hessian product would mix them; pass a loader with shuffle=False and deterministic "
-            "transforms, or max_batches=N to read N batches once and keep them"
-        )
-
-
-def _batch_digest(raw: Any) -> str:
-    """SHA-1 of a batch as the loader yielded it: each tensor's place, dtype, shape and bytes."""
-    digest = hashlib.sha1()
-
-    def feed(path: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for key in sorted(value, key=str):
-                feed(f"{path}.{key}", value[key])
-        elif isinstance(value, Tensor):
-            digest.update(f"{path}:{value.dtype}:{tuple(value.shape)};".encode())
-            digest.update(_tensor_bytes(value))
-        else:
-            digest.update(f"{path}:{_plain(value)};".encode())
-
-    feed("inputs", raw[0])
-    feed("targets", raw[1])
-    return digest.hexdigest()
-
-
-def _tensor_bytes(tensor: Tensor) -> Any:
-    """A tensor's bytes as a buffer on the host (any dtype, bfloat16 included)."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _plain(value: Any) -> str:
-    """A non-tensor leaf as text: its value when that is a plain one, else its type (a repr may hold an
-    address that differs on every pass)."""
-    return repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-
-
-def _data_passes(data: Any, cast: _Cast, max_batches: int | None) -> _FixedBatches | _CheckedPasses:
-    """The data as passes over batches: kept when :func:`_materialise` reads them once (a pair, a
-    list, a one-shot iterator, the first ``max_batches``), else a loader re-read and checked every pass."""
-    batches = _materialise(data, cast, max_batches)
-    return _CheckedPasses(data, cast) if batches is None else _FixedBatches(batches)
-
-
-# ---------------------------------------------------------------------- helpers
-def _fingerprint(batches: list[Batch]) -> str:
-    """A short hash of the data, so a report can say which subset it was computed on."""
-    digest = hashlib.sha1()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, Tensor):
-            digest.update(_tensor_bytes(x))
-        elif isinstance(x, Mapping):
-            for key in sorted(x):
-                digest.update(str(key).encode())
-                feed(x[key])
-
-    for batch in batches:
-        feed(batch.inputs)
-        feed(batch.targets)
-    return digest.hexdigest()[:16]
-
-
-def _fingerprint_int(fingerprint: str) -> int:
-    """A 16-hex-digit fingerprint as a signed 64-bit int (to travel in an int64 tensor)."""
-    value = int(fingerprint, 16)
-    return value - 2**64 if value >= 2**63 else value
-
-
-def _use_distributed(distributed: bool | None) -> bool:
-    """Resolve ``from_model``'s ``distributed`` argument against the process's state."""
-    if distributed is not None and not isinstance(distributed, bool):
-        raise InvalidInputError(f"distributed must be True, False or None, got {distributed!r}")
-    if distributed is False:
-        return False
-    active = dist_helpers.is_distributed()
-    if distributed and not active:
-        raise DistributedError(
-            "distributed=True but no torch.distributed process group is initialised; launch with torchrun "
-            "and call saddlescope.distributed.init_from_env() (or torch.distributed.init_process_group) first"
-        )
-    return active
-
-
 def _lacks_double_backward(exc: BaseException) -> bool:
     message = str(exc)
     return ("derivative for" in message and "not implemented" in message) or "once_differentiable" in message
@@ -1250,119 +889,3 @@ def _attention_kernels(math_only: bool) -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.MATH]):
         yield
-
-
-def _default_chunk(n: int) -> int:
-    # Large enough that each batched backward is matrix-shaped, small enough to bound memory.
-    return max(1, min(n, 32))
-
-
-def _as_flat_tensor(theta0: Any, dtype: torch.dtype | None) -> Tensor:
-    try:
-        t = torch.as_tensor(theta0) if isinstance(theta0, Tensor) else torch.as_tensor(theta0, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ThetaError(f"theta0 must be convertible to a tensor: {exc}") from exc
-    if dtype is None:
-        dtype = t.dtype if t.is_floating_point() else torch.float64
-    if not dtype.is_floating_point:
-        raise ThetaError(f"theta0 dtype must be floating, got {dtype}")
-    t = t.to(dtype).detach().clone()
-    if t.dim() != 1 or t.numel() == 0:
-        raise ThetaError(f"theta0 must be a non-empty 1-D vector, got shape {tuple(t.shape)}")
-    return t
-
-
-def all_finite(t: Tensor) -> bool:
-    """Is every entry of ``t`` finite? A NaN or inf anywhere makes the sum NaN or inf, so a finite sum
-    settles it in one reduction; only a sum that is not finite (a non-finite entry, or finite entries
-    whose sum overflows) is checked entry by entry. ``torch.isfinite(t).all()`` writes a boolean tensor
-    as long as ``t``: about 1 s at 124M entries on one CPU thread, against 2.3 s for a product."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _finite(value: Tensor, what: str, theta: Tensor) -> Tensor:
-    if not all_finite(value):
-        raise NonFiniteLossError(
-            f"the {what} is not finite (NaN or inf) at theta with norm {float(theta.norm()):.3g}; "
-            "check the data, the learning rate that led here, or use dtype=torch.float64"
-        )
-    return value
-
-
-def _elements(x: Any) -> int:
-    """The number of elements of a batch's input tensors (inside dicts, lists and tuples too)."""
-    if isinstance(x, Tensor):
-        return x.numel()
-    if isinstance(x, Mapping):
-        return sum(_elements(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_elements(v) for v in x)
-    return 0
-
-
-def _first_dim(x: Any) -> int | None:
-    if isinstance(x, Tensor):
-        return x.shape[0] if x.dim() > 0 else None
-    if isinstance(x, Mapping):
-        for v in x.values():
-            if isinstance(v, Tensor) and v.dim() > 0:
-                return v.shape[0]
-    return None
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"shape {tuple(x.shape)} {x.dtype}"
-    if isinstance(x, Mapping):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
-    return type(x).__name__
-
-
-def _is_pair(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], (Tensor, Mapping))
-        and not isinstance(data[0], (tuple, list))
-    )
-
-
-def _make_batch(raw: Any, cast: Callable[[Any], Any]) -> Batch:
-    if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
-        raise BatchShapeError(
-            f"each batch must be an (inputs, targets) pair, got {type(raw).__name__}"
-            + (f" of length {len(raw)}" if isinstance(raw, (tuple, list)) else "")
-        )
-    inputs, targets = cast(raw[0]), cast(raw[1])
-    n_in, n_out = _first_dim(inputs), _first_dim(targets)
-    if n_in is None:
-        raise BatchShapeError(f"batch inputs must be a tensor or dict of tensors, got {_describe(inputs)}")
-    if n_out is not None and n_out != n_in:
-        raise BatchShapeError(
-            f"batch has {n_in} inputs but {n_out} targets ({_describe(inputs)} vs "
-            f"{_describe(targets)}); inputs and targets must share their first dimension"
-        )
-    return Batch(inputs=inputs, targets=targets, size=n_in)
-
-
-def _materialise(data: Any, cast: Callable[[Any], Any], max_batches: int | None = None) -> list[Batch] | None:
-    """Batches as a list when the data are a pair, a list, a one-shot iterator, or limited to
-    ``max_batches``; else None (a re-iterable loader, read lazily on every pass)."""
-    if data is None:
-        raise EmptyDataError("data is None; pass an (inputs, targets) pair or an iterable of them")
-    if _is_pair(data):
-        batches = [_make_batch(data, cast)]
-    elif isinstance(data, (tuple, list)):
-        batches = [_make_batch(b, cast) for b in data[:max_batches]]
-    elif isinstance(data, Iterable):
-        if not isinstance(data, Iterator) and max_batches is None:  # re-iterable (no iter() spent on asking)
-            return None
-        batches = [_make_batch(b, cast) for b in itertools.islice(data, max_batches)]
-    else:
-        raise InvalidInputError(
-            f"data must be an (inputs, targets) pair or an iterable of them, got {type(data).__name__}"
-        )
-    batches = [b for b in batches if b.size > 0]
-    if not batches:
-        raise EmptyDataError("the data yielded no non-empty batch; pass at least one sample")
-    return batches
