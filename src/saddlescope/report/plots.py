@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ import torch
 from saddlescope.atomic import atomic_write_bytes
 from saddlescope.critical import CriticalPoint
 from saddlescope.curvature.blocks import BlockReport
+from saddlescope.curvature.density import SpectralDensity
 from saddlescope.errors import InvalidInputError
 from saddlescope.landscape import LandscapeSlice, TrajectoryProjection
 from saddlescope.objective import Objective
@@ -204,4 +207,72 @@ def plot_landscape(
         ax.set_ylabel(landscape.labels[1])
         ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or f"loss landscape ({landscape.kind} directions)")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ the report's PNGs (write_report)
+def write_report_pngs(
+    folder: Path, cp: CriticalPoint, payload: dict[str, Any], spectral: SpectralDensity | None,
+    plane: LandscapeSlice | None, line: dict[str, Any] | None, blocks: BlockReport | None,
+) -> dict[str, Path]:
+    """Static matplotlib versions of the figures (for papers and for readers without JavaScript)."""
+    pngs: dict[str, Path] = {}
+    if payload["spectrum"] is not None or spectral is not None:
+        pngs["spectrum"] = _plot_spectrum(payload["spectrum"], spectral, cp, folder / "spectrum.png")
+    if plane is not None:
+        pngs["landscape_plane"] = plot_landscape(
+            plane, folder / "landscape_plane.png", title="loss on the plane of the extreme eigenvectors")
+    if line is not None:
+        pngs["landscape_escape"] = _plot_escape_line(line, folder / "landscape_escape.png")
+    if blocks is not None and (blocks.rows or blocks.whole.n_params):
+        pngs["blocks"] = plot_blocks(blocks, folder / "blocks.png")
+    return pngs
+
+
+def _plot_spectrum(spectrum: dict[str, Any] | None, spectral: SpectralDensity | None, cp: CriticalPoint,
+                   path: Path) -> Path:
+    plt = _pyplot()
+    panels = (spectrum is not None) + (spectral is not None)
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.4 * panels), squeeze=False)
+    ax_iter = iter(axes[:, 0])
+    if spectrum is not None:
+        ax = next(ax_iter)
+        edges = np.array(spectrum["linear"]["edges"])
+        ax.bar(edges[:-1], spectrum["linear"]["counts"], width=np.diff(edges), align="edge", color="tab:blue")
+        tau = spectrum["zero_threshold"]
+        ax.axvspan(-tau, tau, color="grey", alpha=0.3, label=f"zero band |lambda| <= {tau:.2g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("count")
+        ax.set_title(f"{spectrum['n']} eigenvalues: {cp.n_negative} negative, {cp.n_zero} zero, {cp.n_positive} positive")
+    if spectral is not None:
+        ax = next(ax_iter)
+        density = spectral.density.numpy()
+        peak = float(density.max())
+        ax.semilogy(spectral.grid.numpy(), np.maximum(density, peak * 1e-7), color="tab:blue")
+        ax.set_ylim(peak * 1e-7, peak * 2)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"SLQ spectral density ({spectral.hvp_count} HVPs)")
+    for ax in axes[:, 0]:
+        ax.axvline(cp.lambda_min, color="tab:red", ls=":", label=f"lambda_min = {cp.lambda_min:.4g}")
+        ax.axvline(cp.lambda_max, color="tab:green", ls=":", label=f"lambda_max = {cp.lambda_max:.4g}")
+        ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def _plot_escape_line(line: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alphas = line["alphas"]
+    delta = [math.nan if v is None else v for v in line["delta_losses"]]
+    ax.plot(alphas, delta, color="tab:blue", marker=".", label="L(theta + alpha u) - L(theta)")
+    if line["quadratic_model"] is not None:
+        ax.plot(alphas, line["quadratic_model"], color="tab:red", ls="--", label="second-order model")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("alpha along the escape direction u")
+    ax.set_ylabel("loss change")
+    curvature = "n/a" if line["curvature"] is None else format(line["curvature"], ".4g")
+    ax.set_title(f"escape direction (u^T H u = {curvature})")
+    ax.legend(fontsize=8)
     return _save(fig, path)
