@@ -46,12 +46,14 @@ def environment() -> dict[str, object]:
 
 
 def commit() -> str:
-    """The code measured: the checkout's commit, ``+changes`` when the work tree differs from it."""
-    here = Path(__file__).parent
+    """The code measured: the checkout's commit, ``+changes`` when a tracked file other than the results
+    (bench/results/, docs/benchmarks.md) differs from it."""
+    root = Path(__file__).parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results", ":(exclude)docs/benchmarks.md"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
