@@ -557,3 +557,15 @@ def test_parameter_gradient_norm_is_accurate_at_scale():
     monitor.step(1.0)
     truth = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
     assert monitor.history.grad_norm[0] == pytest.approx(truth, rel=1e-6)
+
+
+def test_parameter_gradient_norm_of_a_sparse_embedding():
+    # An Embedding(sparse=True) gives a sparse .grad; its norm is that of the dense gradient.
+    model = nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+    ids = torch.tensor([[1, 2, 2], [7, 1, 0]])
+    monitor = SaddleMonitor(model, nn.MSELoss(), (ids, torch.zeros(2, 1)), action="none")
+    model(ids).pow(2).mean().backward()
+    assert model[0].weight.grad.is_sparse
+    monitor.step(1.0)
+    truth = math.sqrt(sum(float(p.grad.to_dense().double().pow(2).sum()) for p in model.parameters()))
+    assert monitor.history.grad_norm[0] == pytest.approx(truth, rel=1e-6)  # float32 sums

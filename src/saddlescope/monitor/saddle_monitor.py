@@ -413,8 +413,10 @@ def _param_grad_norm(params: list[Tensor]) -> float | None:
     if not grads:
         return None
     # One fused kernel for all the norms (what clip_grad_norm_ uses) and one sync: this runs every step. Each
-    # gradient in chunks, their norms combined in float64 (see _NORM_CHUNK).
-    chunks = [chunk for g in grads for chunk in torch.split(g.reshape(-1), _NORM_CHUNK)]
+    # gradient in chunks, their norms combined in float64 (see _NORM_CHUNK); a sparse gradient (an
+    # Embedding(sparse=True)'s) by its stored values.
+    flat = [g.coalesce().values().reshape(-1) if g.is_sparse else g.reshape(-1) for g in grads]
+    chunks = [chunk for g in flat for chunk in torch.split(g, _NORM_CHUNK)]
     norms = _foreach_norm(chunks) if _foreach_norm is not None else [torch.linalg.vector_norm(c) for c in chunks]
     return float(torch.linalg.vector_norm(torch.stack(norms).to(torch.float64)))  # stack promotes mixed dtypes
 
