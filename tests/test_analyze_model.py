@@ -253,6 +253,9 @@ def test_cli_bad_input_gets_one_line_naming_the_problem(tmp_path):
         (["--model", "saddlescope.examples:digits_cnn"], ["--model needs --data"]),
         (["--model", "saddlescope.examples:digits_cnn", "--data", data, "--loss", "hinge"], ["unknown loss 'hinge'"]),
         (["--problem", "seed-toy", "--data", data], ["--data goes with --model"]),
+        (["--model", "saddlescope.examples:digits_cnn", "--data", data, "--device", "gpu0"],
+         ["device 'gpu0' is not a device PyTorch knows", "'cuda:1'"]),
+        (["--problem", "seed-toy", "--device", "cpu"], ["--device goes with --model"]),
     ]
     for args, needles in cases:
         _one_line_error(run("analyze", *args), *needles)

@@ -127,3 +127,22 @@ def test_finiteness_is_settled_by_one_sum_and_overflow_is_not_a_nan():
     op = ss.DenseOperator(torch.diag(torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)), check_symmetric=False)
     with pytest.raises(errors.NonFiniteLossError, match="not finite"):
         op.matvec(torch.ones(3, dtype=torch.float64))
+
+
+def test_a_device_that_cannot_compute_is_named_with_the_reason():
+    # PyTorch's own errors here: AssertionError "Torch not compiled with CUDA enabled", or a list of device types.
+    net, batch = model(), data()
+    cases = [("gpu0", "is not a device PyTorch knows"), ("meta", "holds no values")]
+    if not torch.cuda.is_available():
+        cases += [("cuda", "no CUDA device is available"), ("cuda:1", "no CUDA device is available")]
+    else:
+        cases.append((f"cuda:{torch.cuda.device_count()}", "CUDA device(s), numbered 0"))
+    for device, message in cases:
+        with pytest.raises(errors.InvalidInputError, match=message):
+            ss.Objective.from_model(net, nn.CrossEntropyLoss(), batch, device=device)
+        with pytest.raises(errors.InvalidInputError, match=message):
+            ss.analyze_model(net, batch, device=device)
+    on_cpu = ss.Objective.from_model(net, nn.CrossEntropyLoss(), batch, device="cpu")
+    assert on_cpu.device == torch.device("cpu")
+    assert float(on_cpu.loss(on_cpu.theta0)) == pytest.approx(float(nn.CrossEntropyLoss()(net(batch[0]), batch[1])),
+                                                             rel=1e-12)

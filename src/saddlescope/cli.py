@@ -70,6 +70,8 @@ def analyze(
     model_kwargs: str = typer.Option(None, help="JSON keyword arguments for the model factory."),
     data_kwargs: str = typer.Option(None, help="JSON keyword arguments for the data function."),
     dtype: str = typer.Option(None, help="float64 | float32 | bfloat16 | float16 (default: the model's)."),
+    device: str = typer.Option(None, help="--model: where to compute, e.g. cuda, cuda:1 or cpu (default: where the "
+                                          "model's parameters are); the data follow."),
     max_batches: int = typer.Option(None, help="Analyse only the first N batches (a fixed subset)."),
     theta: str = typer.Option(None, help="--problem: comma-separated point, e.g. '0,0' (default: its start)."),
     grad_tol: float = typer.Option(None, help="Critical when |grad| <= this (default by dtype)."),
@@ -111,7 +113,8 @@ def analyze(
                                     "built-in one (see `saddlescope problems`)")
         if model is None:
             for name, value in (("--data", data), ("--checkpoint", checkpoint), ("--model-kwargs", model_kwargs),
-                                ("--data-kwargs", data_kwargs), ("--max-batches", max_batches)):
+                                ("--data-kwargs", data_kwargs), ("--max-batches", max_batches),
+                                ("--device", device)):
                 if value is not None:
                     raise InvalidInputError(f"{name} goes with --model, not --problem")
         elif data is None:
@@ -124,7 +127,8 @@ def analyze(
         with stage_progress(quiet) as progress:
             if model is not None:
                 result = _analyze_model(model, data, loss=loss, checkpoint=checkpoint, model_kwargs=model_kwargs,
-                                        data_kwargs=data_kwargs, dtype=dtype, max_batches=max_batches,
+                                        data_kwargs=data_kwargs, dtype=dtype, device=device,
+                                        max_batches=max_batches,
                                         method=method, k=k, index_probes=index_probes, index_rtol=index_rtol,
                                         index_hvps=index_hvps, memory_budget=memory_budget, by=by,
                                         grad_tol=grad_tol, rtol=rtol, atol=atol,

@@ -33,6 +33,7 @@ from saddlescope.loading import (
 )
 from saddlescope.memory import parse_bytes
 from saddlescope.objective import Objective
+from saddlescope.objective.model_call import usable_device
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -141,6 +142,9 @@ def analyze_model(
         checkpoint: weights to load first (``.safetensors`` or a ``torch.save`` state dict; code
             is refused).
         dtype: compute dtype (``torch.float64`` or ``"float64"``, ...); default the model's own.
+        device: where to compute (``"cuda"``, ``"cuda:1"``, ``"cpu"``, a :class:`torch.device`); default where
+            the model's parameters are. The parameters and the data are moved there; checked before the
+            model is built, with an error that says why a device cannot be used.
         max_batches: analyse only the first batches (a fixed subset, recorded).
         method: ``"auto"`` | ``"exact"`` | ``"lanczos"``.
         k: eigenpairs at each end on the iterative path.
@@ -174,6 +178,8 @@ def analyze_model(
             raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     memory_budget = memory_budget_bytes(memory_budget)
+    if device is not None:
+        device = usable_device(device)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise InvalidInputError(f"out {str(out)!r} is a file; give a folder for the report")
 

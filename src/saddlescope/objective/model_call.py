@@ -23,7 +23,7 @@ from saddlescope.errors import (
 )
 from saddlescope.objective.data import Cast, describe_data
 
-__all__ = ["REDUCTIONS", "ModelCall", "ParameterLayout", "resolve_reduction"]
+__all__ = ["REDUCTIONS", "ModelCall", "ParameterLayout", "resolve_reduction", "usable_device"]
 
 
 REDUCTIONS = ("mean", "sum")
@@ -137,7 +137,7 @@ class ParameterLayout:
         return dtype
 
     def compute_device(self, device: torch.device | str | None) -> torch.device:
-        return torch.device(device) if device is not None else self.values[0].device
+        return usable_device(device) if device is not None else self.values[0].device
 
     def cast(self, cast: Cast) -> ParameterLayout:
         return dataclasses.replace(self, values=[cast(v) for v in self.values],
@@ -226,6 +226,36 @@ class ModelCall:
             f"({', '.join(p.name for p in self.parameters)}) takes them neither as keyword arguments nor as "
             "one argument; name the keys after its parameters, or give it one parameter for the whole dict"
         )
+
+
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device` this process can compute on, or an
+    :class:`~saddlescope.errors.InvalidInputError` that says why not (PyTorch's own errors here are an
+    ``AssertionError`` "Torch not compiled with CUDA enabled", or a list of twenty device types)."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(
+            f"device {device!r} is not a device PyTorch knows; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from exc
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise InvalidInputError(
+                f"device {str(where)!r}: no CUDA device is available to this process (torch {torch.__version__}, "
+                f"{build}); use device='cpu', or install a CUDA build of torch on a machine with a GPU"
+            )
+        count = torch.cuda.device_count()
+        if where.index is not None and where.index >= count:
+            raise InvalidInputError(
+                f"device {str(where)!r}: this process sees {count} CUDA device(s), numbered 0 to {count - 1} "
+                "(CUDA_VISIBLE_DEVICES renumbers them)"
+            )
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(f"device {str(where)!r}: the MPS backend is not available here; use device='cpu'")
+    elif where.type == "meta":
+        raise InvalidInputError("device 'meta' holds no values to compute with; use 'cpu' or a GPU")
+    return where
 
 
 def _callee_parameters(model: Any) -> list[inspect.Parameter] | None:
