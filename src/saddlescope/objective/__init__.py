@@ -29,16 +29,15 @@ graph is kept while they fit a memory budget and rebuilt for every product beyon
 
 from saddlescope.objective.checks import all_finite
 from saddlescope.objective.data import Batch
-from saddlescope.objective.model_call import REDUCTIONS
-from saddlescope.objective.objective import (
-    DEFAULT_EXACT_BUDGET_BYTES,
+from saddlescope.objective.graph import (
     KEPT_GRAPHS_MEMORY_SHARE,
     UNKNOWN_MEMORY_BUDGET_BYTES,
     GradientGraph,
     GraphPlan,
-    Objective,
     one_time_costs,
 )
+from saddlescope.objective.model_call import REDUCTIONS
+from saddlescope.objective.objective import DEFAULT_EXACT_BUDGET_BYTES, Objective
 
 __all__ = [
     "DEFAULT_EXACT_BUDGET_BYTES", "KEPT_GRAPHS_MEMORY_SHARE", "REDUCTIONS", "UNKNOWN_MEMORY_BUDGET_BYTES",
