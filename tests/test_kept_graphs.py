@@ -13,6 +13,7 @@ import saddlescope as ss
 from saddlescope import memory
 from saddlescope.errors import InvalidInputError
 from saddlescope.objective import GraphPlan, one_time_costs
+from saddlescope.objective import graph as graph_module
 
 
 def rel_err(a, b):
@@ -118,6 +119,37 @@ def test_kept_rebuilt_and_partly_kept_graphs_give_the_full_data_products(case):
     reference = rebuilt.hvp_batch(vs)
     for graph in (kept, auto, partial, none_kept):
         assert rel_err(graph.hvp_batch(vs), reference) < 1e-12
+
+
+@pytest.mark.parametrize("keep_graphs", [True, False])
+def test_a_batch_of_products_runs_in_passes_that_fit_the_byte_cap(monkeypatch, keep_graphs):
+    """A vmapped pass holds one copy of the graph's activations per row: rows go in passes of as many as
+    keep the estimate under the cap, each batch's graph built once per batch of products, not per pass."""
+    torch.manual_seed(9)
+    model, x, y = cnn_case()
+    obj = ss.Objective.from_model(model, nn.functional.cross_entropy, batches(x, y))
+    theta = obj.theta0 + 0.2 * torch.randn(obj.n_params, dtype=torch.float64)
+    vs = torch.randn(5, obj.n_params, dtype=torch.float64)
+    truth = vs @ hessian_by_hand(model, x, y, theta)
+    graph = obj.gradient_graph(theta, keep_graphs=keep_graphs)
+    assert graph.rows_per_pass(5) == 5 and graph.rows_per_pass(1) == 1  # a small model: one pass
+    row = graph._row_bytes
+    assert row >= graph_module.PRODUCT_ROW_VECTORS * 8 * obj.n_params
+
+    passes, builds = [], []
+    backward, build = graph_module._backward, graph._build
+    monkeypatch.setattr(graph_module, "_backward", lambda g, leaf, block, **kw: passes.append(block.shape[0]) or
+                        backward(g, leaf, block, **kw))
+    monkeypatch.setattr(graph, "_build", lambda batch: builds.append(batch) or build(batch))
+    monkeypatch.setattr(graph_module, "BATCHED_PRODUCT_BYTES", 2 * row + 1)  # room for two rows a pass
+    assert graph.rows_per_pass(5) == 2
+    assert rel_err(graph.hvp_batch(vs), truth) < 1e-12
+    assert passes == [2, 2, 1] * 3  # three batches, three passes each
+    assert len(builds) == (0 if keep_graphs else 3)  # a rebuilt graph serves all its passes
+    monkeypatch.setattr(graph_module, "BATCHED_PRODUCT_BYTES", 1)  # not even one row: one row a pass
+    passes.clear()
+    assert rel_err(graph.hvp_batch(vs), truth) < 1e-12
+    assert passes == [1] * 15 and graph.hvp_count == 10
 
 
 def test_the_plan_says_what_was_kept_and_the_objective_notes_a_partial_one():

@@ -26,7 +26,7 @@ from saddlescope.objective.checks import finite
 from saddlescope.objective.data import Batch, input_elements
 
 __all__ = [
-    "KEPT_GRAPHS_MEMORY_SHARE", "UNKNOWN_MEMORY_BUDGET_BYTES", "GradientGraph", "GraphObjective", "GraphPlan",
+    "BATCHED_PRODUCT_BYTES", "BATCHED_PRODUCT_MEMORY_SHARE", "KEPT_GRAPHS_MEMORY_SHARE", "PRODUCT_ROW_VECTORS", "UNKNOWN_MEMORY_BUDGET_BYTES", "GradientGraph", "GraphObjective", "GraphPlan",
     "one_time_costs",
 ]
 
@@ -88,6 +88,22 @@ KEPT_GRAPHS_MEMORY_SHARE = 0.5
 # Their budget where the free memory cannot be read (a device other than CPU or CUDA, no /proc/meminfo
 # and no psutil).
 UNKNOWN_MEMORY_BUDGET_BYTES = 1024**3
+
+
+# A batch of products (GradientGraph.hvp_batch) runs its rows in passes whose estimated temporaries,
+# rows x (one batch's graph + PRODUCT_ROW_VECTORS parameter-sized vectors), stay under this many bytes
+# and under BATCHED_PRODUCT_MEMORY_SHARE of the free memory. A vmapped double backward holds about one
+# copy of the graph's saved activations per row, and on a CPU it is no faster per row. One thread,
+# float32, 1,797 samples, five rows in one pass against five single products (/tmp/s26/batchmem3.py and
+# batchspeed.py, session 27; the second batched call, so vmap's first-call cost is not in it):
+#   2-layer GPT-2, 0.98M parameters, 192 MB graph: 828 MB added against 56 MB for one, 5.64 s against 3.7 s;
+#   CNN, 0.10M parameters, 114 MB graph:           538 MB against 109 MB, 5.92 s against 4.9 s;
+#   per row, batched against single: 1.4x (digits MLP, 2,410 parameters, 32 rows; 0.94x on two
+#   threads), 1.8-2.2x (MLPs of 26k-100k), 1.5x (GPT-2 of 12k, CNN of 9k).
+# So only passes of small rows are batched (the digits MLP's exact Hessian: 32 rows a pass).
+BATCHED_PRODUCT_BYTES = 64 * 2**20
+BATCHED_PRODUCT_MEMORY_SHARE = 0.25
+PRODUCT_ROW_VECTORS = 4
 
 
 # One-time costs paid in this process (seconds, by name): see _pay_one_time_costs.
@@ -165,7 +181,8 @@ class GradientGraph:
 
     Building costs one gradient with ``create_graph=True``; each product :math:`Hv` is then one
     double-backward pass per batch, :math:`Hv = \sum_b \nabla(g_b^\top v)`, and a batch of products
-    ``V`` (rows) one vmapped pass per batch (``is_grads_batched``). Each data batch's graph is kept
+    ``V`` (rows) vmapped passes per batch (``is_grads_batched``), as many rows a pass as keep the
+    estimated temporaries under :data:`BATCHED_PRODUCT_BYTES` (:meth:`rows_per_pass`). Each data batch's graph is kept
     between products while the graphs fit a memory budget, and rebuilt for every product otherwise
     (:class:`GraphPlan`, in :attr:`plan`, says which and why; a partial plan is also a note in
     ``objective.notes``). Kept and rebuilt graphs give the same products.
@@ -219,6 +236,7 @@ class GradientGraph:
             raise EmptyDataError("the data yielded no batch")
         self._batches = batches
         self._kept: list[tuple[Tensor, Tensor]] = []  # (leaf, gradient) of the first plan.kept batches
+        self._row_bytes: int | None = None  # estimated temporaries of one row of a batched product
         self._linear_checked: set[int] = set()
         loss, grad = objective._all_sum_pair(*self._with_fallback(self._build_all), "the loss and gradient")
         self.loss, self.grad = finite(loss, "loss", self.theta), finite(grad, "gradient", self.theta)
@@ -375,6 +393,31 @@ class GradientGraph:
             self._build_all()
         return self._with_fallback(compute, rebuild)
 
+    def rows_per_pass(self, rows: int) -> int:
+        """How many of ``rows`` products one vmapped backward pass takes: as many as keep
+        rows x (the largest batch's graph + :data:`PRODUCT_ROW_VECTORS` parameter-sized vectors) under
+        :data:`BATCHED_PRODUCT_BYTES` and :data:`BATCHED_PRODUCT_MEMORY_SHARE` of the free memory; at
+        least one. The graph's size is measured once (:class:`~saddlescope.memory.SavedTensorBytes`, on
+        a rebuilt first batch unless the plan measured it)."""
+        if rows <= 1:
+            return 1
+        if self._row_bytes is None:
+            self._row_bytes = self._estimate_row_bytes()
+        free, _ = available_memory(self.objective.device)
+        cap = BATCHED_PRODUCT_BYTES if free is None else min(BATCHED_PRODUCT_BYTES, int(BATCHED_PRODUCT_MEMORY_SHARE * free))
+        return max(1, min(rows, cap // max(self._row_bytes, 1)))
+
+    def _estimate_row_bytes(self) -> int:
+        graph = self.plan.bytes_per_graph
+        if graph is None:
+            leaf, g, _, graph = self._build_measured(self._batches[0])
+            del leaf, g
+        first = max(input_elements(self._batches[0].inputs), 1)
+        largest = max(input_elements(batch.inputs) for batch in self._batches) / first
+        obj = self.objective
+        vector = obj.n_params * torch.finfo(obj.dtype).bits // 8
+        return int(graph * max(1.0, largest)) + PRODUCT_ROW_VECTORS * vector
+
     def _graphs_iter(self) -> Iterator[tuple[Tensor, Tensor, bool]]:
         """Each batch's (leaf, gradient, kept): the kept graphs, then the others rebuilt one at a time."""
         yield from ((leaf, g, True) for leaf, g in self._kept)
@@ -400,25 +443,29 @@ class GradientGraph:
         return out
 
     def _products(self, vs: Tensor) -> Tensor:
-        out: Tensor | None = None
-        batched = vs.shape[0] > 1
+        """Each batch's graph (kept, or rebuilt once), then its products a pass of rows at a time."""
+        out = torch.zeros_like(vs)
+        rows = self.rows_per_pass(vs.shape[0])
         for leaf, g, kept in self._graphs_iter():
             if not g.requires_grad:  # loss linear in theta on this batch: zero curvature
                 continue
-            (hv,) = torch.autograd.grad(
-                g,
-                leaf,
-                grad_outputs=vs if batched else vs[0],
-                retain_graph=kept,
-                is_grads_batched=batched,
-                allow_unused=True,
-            )
-            if hv is not None:
-                hv = hv if batched else hv.unsqueeze(0)
-                out = hv if out is None else out + hv
-        if out is None:
-            out = torch.zeros_like(vs)
+            for start in range(0, vs.shape[0], rows):
+                last = start + rows >= vs.shape[0]
+                hv = _backward(g, leaf, vs[start:start + rows], retain=kept or not last)
+                if hv is not None:
+                    out[start:start + rows] += hv
         return out
+
+
+def _backward(g: Tensor, leaf: Tensor, block: Tensor, *, retain: bool) -> Tensor | None:
+    """:math:`\nabla(g^\top v)` for each row ``v`` of ``block``: one double-backward pass, vmapped over
+    the rows when there are several; None when ``g`` does not reach ``leaf``."""
+    batched = block.shape[0] > 1
+    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=block if batched else block[0], retain_graph=retain,
+                                is_grads_batched=batched, allow_unused=True)
+    if hv is None or batched:
+        return hv
+    return hv.unsqueeze(0)
 
 
 def _lacks_double_backward(exc: BaseException) -> bool:
