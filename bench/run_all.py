@@ -7,7 +7,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-for script in ("everyday.py", "verdict_at_scale.py", "scaling.py", "certificate_cost.py", "gpu.py", "index_goal.py", "hvp_engines.py", "exact_hessian.py",
+for script in ("everyday.py", "verdict_at_scale.py", "scaling.py", "certificate_cost.py", "gpu.py", "index_goal.py", "hvp_engines.py", "batched_products.py",
+               "exact_hessian.py",
                "curvature.py", "precision.py", "distributed.py", "report.py"):
     print(f"\n===== {script} =====", flush=True)
     sys.argv = [script]

@@ -243,7 +243,9 @@ def _best_anchor(task: dict) -> tuple[str, dict] | None:
 
 
 def markdown(payload: dict) -> str:
-    lines = ["# Scaling: saddlescope from 10k parameters up, against PyHessian, hessian-eigenthings, curvlinops + eigsh\n",
+    runs = ", ".join(payload["models"]) or "no model finished"
+    tasks = ", ".join(payload.get("tasks", ("top1", "top5", "lambda_min")))
+    lines = [f"# Scaling ({runs}; {tasks}): saddlescope against PyHessian, hessian-eigenthings, curvlinops + eigsh\n",
              (f"Environment: {payload['environment']}; load average before the run: {payload['load']}, after the "
               f"last model: {payload.get('load_after', 'not recorded')}. "
                f"float32 models, the same briefly trained weights for every library, one batch. Targets: top "
