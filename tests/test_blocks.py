@@ -90,3 +90,23 @@ def test_frozen_layer_is_left_out_of_the_blocks():
     assert list(obj.blocks()) == ["2"] and obj.n_params == 12
     report = ss.per_block(obj)
     assert [r.name for r in report.rows] == ["2"] and report.rows[0].n_params == 12
+
+
+def test_a_blocks_columns_go_a_few_at_a_time_within_the_byte_cap(net, monkeypatch):
+    """A block's column travels as a whole-model vector: the columns go in calls of as many as keep those
+    vectors and their products under the cap, each call's products the block's own (autograd's Hessian)."""
+    obj, _ = net
+    (batch,) = list(obj._batches())
+    truth = torch.autograd.functional.hessian(lambda t: obj.batch_share(t, batch), obj.theta0)
+    from saddlescope.curvature import operator
+
+    op = ss.HessianOperator(obj, block="2")
+    index = obj.blocks("module")["2"]
+    v = torch.randn(index.numel(), 5, dtype=torch.float64)
+    calls = []
+    hvp_batch = op._graph.hvp_batch
+    monkeypatch.setattr(op._graph, "hvp_batch", lambda vs: calls.append(vs.shape[0]) or hvp_batch(vs))
+    assert torch.allclose(op.matmat(v), truth[index][:, index] @ v, atol=1e-12) and calls == [5]
+    monkeypatch.setattr(operator, "BATCHED_PRODUCT_BYTES", 2 * (2 * obj.n_params * 8))  # two columns a call
+    calls.clear()
+    assert torch.allclose(op.matmat(v), truth[index][:, index] @ v, atol=1e-12) and calls == [2, 2, 1]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from saddlescope.errors import InvalidInputError, NonFiniteLossError, ThetaError
 from saddlescope.objective import GradientGraph, GraphPlan, Objective, all_finite
+from saddlescope.objective.graph import BATCHED_PRODUCT_BYTES
 
 
 class _Operator:
@@ -173,9 +174,19 @@ class HessianOperator(_Operator):
     def _matmat(self, vs: Tensor) -> Tensor:
         if self.index is None:
             return self._graph.hvp_batch(vs.T.contiguous()).T
-        full = torch.zeros(vs.shape[1], self.objective.n_params, dtype=vs.dtype, device=vs.device)
-        full[:, self.index] = vs.T
-        return self._graph.hvp_batch(full)[:, self.index].T
+        # A block's columns travel as whole-model vectors (zero outside the block), so a few at a time:
+        # as many as keep those vectors and their products under BATCHED_PRODUCT_BYTES (a count every
+        # rank of a sharded objective computes alike: each call is one all-reduce).
+        n, k = self.objective.n_params, vs.shape[1]
+        whole = 2 * n * torch.finfo(vs.dtype).bits // 8
+        rows = max(1, min(k, BATCHED_PRODUCT_BYTES // whole))
+        out = torch.empty(self.shape[0], k, dtype=vs.dtype, device=vs.device)
+        for start in range(0, k, rows):
+            part = vs[:, start:start + rows]
+            full = torch.zeros(part.shape[1], n, dtype=vs.dtype, device=vs.device)
+            full[:, self.index] = part.T
+            out[:, start:start + rows] = self._graph.hvp_batch(full)[:, self.index].T
+        return out
 
     def __repr__(self) -> str:
         what = "" if self.index is None else f", block={self.name or 'indices'}"
