@@ -73,7 +73,7 @@ class Estimate:
 
 def cluster_bootstrap(clusters: Sequence[Any], statistic: Callable[[list[Any]], float], *, what: str,
                       resamples: int = 2000, seed: int = 0, min_clusters: int = 2) -> Estimate:
-    """The statistic on all clusters, with a 95% percentile interval from resampling the clusters with
+    r"""The statistic on all clusters, with a 95% percentile interval from resampling the clusters with
     replacement (resamples where the statistic is NaN are dropped; the interval is NaN with fewer than
     ``min_clusters`` clusters, or when fewer than half the resamples give a number). With k clusters there
     are only :math:`\binom{2k-1}{k}` distinct resamples: with very few, the interval is too short.

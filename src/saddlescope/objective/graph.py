@@ -59,7 +59,7 @@ class GraphObjective(Protocol):
         ...
 
     def batch_share(self, theta: Tensor, batch: Batch) -> Tensor:
-        """Batch ``batch``'s share of :math:`L(\theta)`, differentiable in ``theta``."""
+        r"""Batch ``batch``'s share of :math:`L(\theta)`, differentiable in ``theta``."""
         ...
 
     def check_theta(self, theta: Any, name: str = "theta") -> Tensor:
@@ -93,14 +93,10 @@ UNKNOWN_MEMORY_BUDGET_BYTES = 1024**3
 # A batch of products (GradientGraph.hvp_batch) runs its rows in passes whose estimated temporaries,
 # rows x (one batch's graph + PRODUCT_ROW_VECTORS parameter-sized vectors), stay under this many bytes
 # and under BATCHED_PRODUCT_MEMORY_SHARE of the free memory. A vmapped double backward holds about one
-# copy of the graph's saved activations per row, and on a CPU it is no faster per row. One thread,
-# float32, 1,797 samples, five rows in one pass against five single products (/tmp/s26/batchmem3.py and
-# batchspeed.py, session 27; the second batched call, so vmap's first-call cost is not in it):
-#   2-layer GPT-2, 0.98M parameters, 192 MB graph: 828 MB added against 56 MB for one, 5.64 s against 3.7 s;
-#   CNN, 0.10M parameters, 114 MB graph:           538 MB against 109 MB, 5.92 s against 4.9 s;
-#   per row, batched against single: 1.4x (digits MLP, 2,410 parameters, 32 rows; 0.94x on two
-#   threads), 1.8-2.2x (MLPs of 26k-100k), 1.5x (GPT-2 of 12k, CNN of 9k).
-# So only passes of small rows are batched (the digits MLP's exact Hessian: 32 rows a pass).
+# copy of the graph's saved activations per row, and on a CPU it is no faster per row
+# (bench/batched_products.py, one thread, float32: one pass of k rows took 1.1-1.85x the time of k single
+# products, and a 5-row pass on a 1M-parameter GPT-2 added 414 MB where single products added 35). So
+# only passes of small rows are batched (the digits MLP's exact Hessian: 32 rows a pass).
 BATCHED_PRODUCT_BYTES = 64 * 2**20
 BATCHED_PRODUCT_MEMORY_SHARE = 0.25
 PRODUCT_ROW_VECTORS = 4
@@ -458,7 +454,7 @@ class GradientGraph:
 
 
 def _backward(g: Tensor, leaf: Tensor, block: Tensor, *, retain: bool) -> Tensor | None:
-    """:math:`\nabla(g^\top v)` for each row ``v`` of ``block``: one double-backward pass, vmapped over
+    r""":math:`\nabla(g^\top v)` for each row ``v`` of ``block``: one double-backward pass, vmapped over
     the rows when there are several; None when ``g`` does not reach ``leaf``."""
     batched = block.shape[0] > 1
     (hv,) = torch.autograd.grad(g, leaf, grad_outputs=block if batched else block[0], retain_graph=retain,
