@@ -4,7 +4,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 PARTS = ("everyday", "verdict_at_scale_recheck", "verdict_at_scale_20m", "verdict_at_scale", "scaling", "scaling_top",
-         "scaling_cnn", "certificate_cost", "gpu", "gpu_cpu_124m", "index_goal", "monitor_overhead", "curvature",
+         "scaling_cnn", "scaling_cnn1m", "certificate_cost", "gpu", "gpu_cpu_124m", "index_goal", "monitor_overhead", "curvature",
          "precision", "distributed", "hvp_engines", "batched_products", "exact_hessian")
 # Where a part has not had its full run: the smaller run it falls back to.
 FALLBACKS = {"gpu": "gpu_cpu_small"}
