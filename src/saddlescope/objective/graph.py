@@ -440,17 +440,22 @@ class GradientGraph:
 
     def _products(self, vs: Tensor) -> Tensor:
         """Each batch's graph (kept, or rebuilt once), then its products a pass of rows at a time."""
-        out = torch.zeros_like(vs)
-        rows = self.rows_per_pass(vs.shape[0])
+        k = vs.shape[0]
+        rows = self.rows_per_pass(k)
+        # One pass a batch (a single product): the first batch's products are the sum so far, as they come.
+        out = None if rows >= k else torch.zeros_like(vs)
         for leaf, g, kept in self._graphs_iter():
             if not g.requires_grad:  # loss linear in theta on this batch: zero curvature
                 continue
-            for start in range(0, vs.shape[0], rows):
-                last = start + rows >= vs.shape[0]
-                hv = _backward(g, leaf, vs[start:start + rows], retain=kept or not last)
-                if hv is not None:
+            for start in range(0, k, rows):
+                hv = _backward(g, leaf, vs[start:start + rows], retain=kept or start + rows < k)
+                if hv is None:
+                    continue
+                if out is None:
+                    out = hv
+                else:
                     out[start:start + rows] += hv
-        return out
+        return torch.zeros_like(vs) if out is None else out
 
 
 def _backward(g: Tensor, leaf: Tensor, block: Tensor, *, retain: bool) -> Tensor | None:
